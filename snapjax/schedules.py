@@ -1,0 +1,146 @@
+"""Learning-rate schedules and snapshot steps: the paper's cosine cycles (Eq. 2) and its baselines.
+
+Every schedule is an optax schedule of the 0-based update count ``c`` (the number of updates already
+done; the update with count ``c`` is update number ``t = c + 1`` of the paper). Snapshot and boundary
+steps are computed in Python integers, so they are exact for any budget.
+"""
+import fractions
+import math
+import numbers
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# optax counts updates in int32 (and saturates there), so a budget must fit in it.
+_MAX_STEPS = 2**31 - 1
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+  """Returns `value` as an int if it is an integer (not bool/float) >= `minimum`, else raises."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def _check_positive(name: str, value: Any) -> float:
+  """Returns `value` as a float if it is a finite real number > 0 (not bool), else raises."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+  return float(value)
+
+
+def _check_budget(total_steps: Any, minimum: int) -> int:
+  """Validates a total number of updates: an integer in [minimum, 2**31 - 1]."""
+  total_steps = _check_int("total_steps", total_steps, minimum)
+  if total_steps > _MAX_STEPS:
+    raise ValueError(
+        f"total_steps must be <= 2**31 - 1 (optax counts updates in int32), got {total_steps}")
+  return total_steps
+
+
+def _cycle_length(total_steps: Any, num_cycles: Any) -> tuple[int, int, int]:
+  """Validates a cyclic budget and returns (total_steps, num_cycles, L = ceil(total/cycles))."""
+  num_cycles = _check_int("num_cycles", num_cycles, 1)
+  total_steps = _check_budget(total_steps, 1)
+  if total_steps < num_cycles:
+    raise ValueError(
+        f"total_steps must be an integer >= num_cycles ({num_cycles}), got {total_steps}")
+  length = -(-total_steps // num_cycles)
+  if (num_cycles - 1) * length >= total_steps:
+    raise ValueError(
+        f"num_cycles={num_cycles} leaves the last cycle empty for total_steps={total_steps}: "
+        f"cycles of ceil({total_steps}/{num_cycles})={length} updates already use up the budget "
+        f"after {-(-total_steps // length)} cycles; change num_cycles or total_steps")
+  return total_steps, num_cycles, length
+
+
+def _as_count(count: Any) -> int | jnp.ndarray:
+  """Returns a Python int for host integers, else an integer array of at least 32 bits."""
+  if isinstance(count, (int, np.integer)) and not isinstance(count, (bool, np.bool_)):
+    return int(count)
+  count = jnp.asarray(count)
+  if not jnp.issubdtype(count.dtype, jnp.integer):
+    raise TypeError(f"count must be an integer update count, got dtype {count.dtype}")
+  if jnp.iinfo(count.dtype).bits < 32:
+    count = count.astype(jnp.int32)
+  return count
+
+
+def snapshot_schedule(init_value: float, total_steps: int, num_cycles: int) -> optax.Schedule:
+  """Paper Eq. 2: init_value/2 * (cos(pi * (c mod L) / L) + 1), L = ceil(total_steps/num_cycles)."""
+  init_value = _check_positive("init_value", init_value)
+  total_steps, num_cycles, length = _cycle_length(total_steps, num_cycles)
+
+  def schedule(count: Any) -> jnp.ndarray:
+    count = _as_count(count)
+    # Position inside the cycle, exact in integers; only it becomes a float (< L <= 2**31 - 1).
+    if isinstance(count, int):
+      left = length - count % length
+    else:
+      left = length - jnp.mod(count, jnp.asarray(length, count.dtype))
+    # (cos(pi * p / L) + 1) / 2 == sin(pi * (L - p) / (2 L))**2: no cancellation near the cycle end,
+    # so the tiny rates just before a snapshot keep full float32 relative precision.
+    frac = jnp.asarray(left, jnp.float32) / jnp.float32(2 * length)
+    return jnp.float32(init_value) * jnp.square(jnp.sin(jnp.float32(math.pi) * frac))
+
+  return schedule
+
+
+def snapshot_steps(total_steps: int, num_cycles: int) -> list[int]:
+  """Update numbers (1-based) after which each of the num_cycles snapshots is taken."""
+  total_steps, num_cycles, length = _cycle_length(total_steps, num_cycles)
+  return [min(k * length, total_steps) for k in range(1, num_cycles + 1)]
+
+
+def step_schedule(init_value: float, total_steps: int) -> optax.Schedule:
+  """Single-model baseline: init_value, 0.1x once c >= total/2, 0.01x once c >= 3*total/4.
+
+  With c the 0-based update count, the first count at 0.1x is ceil(total_steps / 2) and the first
+  at 0.01x is ceil(3 * total_steps / 4), i.e. a rate drops once that fraction of updates is done.
+  """
+  init_value = _check_positive("init_value", init_value)
+  total_steps = _check_budget(total_steps, 4)  # each of the three phases gets >= 1 update
+  first_tenth = -(-total_steps // 2)
+  first_hundredth = -(-3 * total_steps // 4)
+  rates = (np.float32(init_value), np.float32(init_value * 0.1), np.float32(init_value * 0.01))
+
+  def schedule(count: Any) -> jnp.ndarray:
+    count = _as_count(count)
+    rate = jnp.where(count >= first_tenth, rates[1], rates[0])
+    return jnp.where(count >= first_hundredth, rates[2], rate).astype(jnp.float32)
+
+  return schedule
+
+
+def nocycle_snapshot_steps(total_steps: int, num_snapshots: int) -> list[int]:
+  """NoCycle baseline: update numbers floor(k * total_steps / num_snapshots), k = 1..num_snapshots."""
+  num_snapshots = _check_int("num_snapshots", num_snapshots, 1)
+  total_steps = _check_int("total_steps", total_steps, 1)
+  if total_steps < num_snapshots:
+    raise ValueError(
+        f"total_steps must be an integer >= num_snapshots ({num_snapshots}), got {total_steps}")
+  return [k * total_steps // num_snapshots for k in range(1, num_snapshots + 1)]
+
+
+def steps_for_epochs(num_epochs: float, steps_per_epoch: int) -> int:
+  """Update steps in num_epochs epochs: num_epochs * steps_per_epoch rounded half up, at least 1."""
+  num_epochs = _check_positive("num_epochs", num_epochs)
+  steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
+  # Exact rational arithmetic: integer epochs give exact products, halves round up deterministically.
+  exact = fractions.Fraction(num_epochs) * steps_per_epoch
+  return max(1, math.floor(exact + fractions.Fraction(1, 2)))
+
+
+__all__ = [
+    "nocycle_snapshot_steps",
+    "snapshot_schedule",
+    "snapshot_steps",
+    "step_schedule",
+    "steps_for_epochs",
+]
