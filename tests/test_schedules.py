@@ -178,13 +178,19 @@ def test_nocycle_snapshot_steps_equally_spaced(total, num):
   assert np.all(np.abs(np.asarray(steps) - ideal) < 1)
 
 
+def test_nocycle_snapshot_steps_documented_rounding():
+  # Snapshot k is taken after update floor(k * T / K).
+  assert schedules.nocycle_snapshot_steps(10, 3) == [3, 6, 10]
+  assert schedules.nocycle_snapshot_steps(11, 4) == [2, 5, 8, 11]
+
+
 def test_nocycle_snapshot_steps_paper_budget():
   assert schedules.nocycle_snapshot_steps(300 * 782, 6) == [50 * 782 * k for k in range(1, 7)]
 
 
 @pytest.mark.parametrize(
     "epochs,per_epoch,want",
-    [(40, 782, 31280), (2.5, 3, 8), (1.5, 1, 2), (0.4, 1, 1), (0.001, 10, 1), (1 / 3, 3, 1),
+    [(40, 782, 31280), (2.5, 3, 8), (1.5, 1, 2), (2.5, 1, 3), (0.5, 5, 3), (0.4, 1, 1), (0.001, 10, 1), (1 / 3, 3, 1),
      (0.1, 10, 1), (np.float32(2.0), np.int64(5), 10)])
 def test_steps_for_epochs(epochs, per_epoch, want):
   got = schedules.steps_for_epochs(epochs, per_epoch)
