@@ -1,0 +1,221 @@
+"""Snapshot-ensemble evaluation: stack snapshots, average the last m softmaxes, exact metrics.
+
+The ensemble is f_ens(x) = 1/m * sum_{i=0}^{m-1} f_{M-i}(x) (paper Eq. 3): the mean of the softmax
+outputs of the last m of M snapshots. `ensemble_predict` runs it as one jitted program per
+(apply_fn, input shapes, last_m, strategy, chunk_size, return_members); the snapshots are stacked on a
+leading axis and sliced to the last m inside that program, so nothing is copied to the host.
+
+Strategies (how the m members are evaluated inside the one program):
+  "vmap": `jax.vmap` over the stacked axis. A convolution whose kernel is vmapped becomes a grouped
+    convolution (feature_group_count=m) on an m-times wider input; XLA:CPU runs that much slower than m
+    ordinary convolutions (benchmarks/ensemble_eval.py: ResNet-20, M=5, batch 256, about 6x slower
+    than the loop baseline on the 2-core CPU this was measured on).
+  "map": `jax.lax.map` over the members (a scan): the body is the single-model program, compiled once
+    whatever m is, with one member's activations alive at a time. `chunk_size` vmaps that many members
+    per step (`lax.map(..., batch_size=chunk_size)`), trading "map" for "vmap" behaviour.
+  "loop": a Python-unrolled sum over the members inside the jit: the same kernels as calling the single
+    model m times, without the per-call dispatch; compile time grows with m.
+  "auto": picked per backend (the platform of x's devices, else `jax.default_backend()`):
+    cpu -> "loop". Measured (benchmarks/README.md): "loop" and "map" both match the baseline of
+      calling a jitted single model m times (within timing noise on a shared 2-core machine), "vmap"
+      and "map" with chunk_size > 1 are several times slower; "loop" was the fastest or tied in
+      every run.
+    gpu/tpu -> "map". Not measured (no accelerator here); reasoning: "map" runs exactly the
+      single-model kernels m times, so it cannot be much slower than the per-snapshot baseline (the
+      only extra is a device-side loop counter), its memory is one member's activations and its
+      compile time does not grow with m (the unrolled "loop" would compile m copies of a ResNet-110).
+      "vmap" may be faster on an accelerator for small models / small batches, where one member
+      does not fill the device, because grouped convolutions are native on TPU and cuDNN, but its
+      speed depends on the model and its memory is m times larger, so it is opt-in.
+"""
+import functools
+import numbers
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, Any], jax.Array]
+
+STRATEGIES = ("auto", "vmap", "map", "loop")
+_AUTO_STRATEGY = {"cpu": "loop", "gpu": "map", "cuda": "map", "rocm": "map", "tpu": "map"}
+_NLL_EPS = 1e-12
+
+
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+
+
+def stack_snapshots(snapshots: Sequence[PyTree]) -> PyTree:
+  """Stacks M snapshot pytrees along a new leading axis: every leaf becomes (M, *leaf.shape)."""
+  snapshots = list(snapshots)
+  if not snapshots:
+    raise ValueError("snapshots must be a non-empty sequence of pytrees, got an empty sequence")
+  leaves_0, treedef_0 = jax.tree_util.tree_flatten_with_path(snapshots[0])
+  if not leaves_0:
+    raise ValueError("snapshots[0] has no array leaves; expected e.g. {'params': ..., 'batch_stats': ...}")
+  paths_0 = [_path_str(p) for p, _ in leaves_0]
+  for i, snap in enumerate(snapshots[1:], start=1):
+    leaves_i, treedef_i = jax.tree_util.tree_flatten_with_path(snap)
+    paths_i = [_path_str(p) for p, _ in leaves_i]
+    if treedef_i != treedef_0:
+      missing = [p for p in paths_0 if p not in set(paths_i)]
+      extra = [p for p in paths_i if p not in set(paths_0)]
+      if missing or extra:
+        detail = f"leaves missing: {missing[:3]}, unexpected leaves: {extra[:3]}"
+      else:
+        detail = f"same leaf paths but different containers: {treedef_0} vs {treedef_i}"
+      raise ValueError(f"snapshots[{i}] has a different tree structure from snapshots[0] ({detail})")
+    for path, (_, a), (_, b) in zip(paths_0, leaves_0, leaves_i):
+      shape_a, dtype_a = np.shape(a), jnp.result_type(a)
+      shape_b, dtype_b = np.shape(b), jnp.result_type(b)
+      if shape_a != shape_b or dtype_a != dtype_b:
+        raise ValueError(
+            f"snapshots[{i}] leaf {path} has shape {shape_b} dtype {dtype_b}, "
+            f"but snapshots[0] has shape {shape_a} dtype {dtype_a}")
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *snapshots)
+
+
+def _num_members(stacked: PyTree) -> int:
+  """Returns M, the common leading-axis size of the stacked leaves."""
+  leaves = jax.tree_util.tree_leaves_with_path(stacked)
+  if not leaves:
+    raise ValueError("stacked has no array leaves; build it with stack_snapshots(snapshots)")
+  sizes = {}
+  for path, leaf in leaves:
+    shape = np.shape(leaf)
+    if not shape:
+      raise ValueError(f"stacked leaf {_path_str(path)} is a scalar; build stacked with stack_snapshots")
+    sizes.setdefault(shape[0], _path_str(path))
+  if len(sizes) > 1:
+    raise ValueError(f"stacked leaves disagree on the number of snapshots M: {sizes} (size: first leaf)")
+  return next(iter(sizes))
+
+
+def _platform(x: Any) -> str:
+  """Platform of the first concrete jax.Array in x, else the default backend."""
+  for leaf in jax.tree.leaves(x):
+    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+      return next(iter(leaf.sharding.device_set)).platform
+  return jax.default_backend()
+
+
+def resolve_strategy(strategy: str, x: Any = None) -> str:
+  """Returns the concrete strategy ("vmap", "map" or "loop") that `strategy` means for input x."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+  if strategy != "auto":
+    return strategy
+  return _AUTO_STRATEGY.get(_platform(x), "map")
+
+
+def _member_probs(apply_fn: ApplyFn, variables: PyTree, x: Any) -> jax.Array:
+  """float32 softmax of one snapshot's logits, (batch, classes)."""
+  logits_BxC = apply_fn(variables, x)
+  if jnp.ndim(logits_BxC) != 2:
+    raise ValueError(f"apply_fn must return logits of shape (batch, classes), got shape {jnp.shape(logits_BxC)}")
+  return jax.nn.softmax(jnp.asarray(logits_BxC).astype(jnp.float32), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "last_m", "strategy", "chunk_size", "return_members"))
+def _ensemble(apply_fn, stacked, x, *, last_m, strategy, chunk_size, return_members):
+  """The compiled ensemble: slice to the last m snapshots, average their softmaxes."""
+  num = _num_members(stacked)
+  last = jax.tree.map(lambda a: a[num - last_m:], stacked)
+  probs_fn = functools.partial(_member_probs, apply_fn, x=x)
+  if strategy == "vmap":
+    probs_MxBxC = jax.vmap(lambda v: probs_fn(v))(last)
+    mean_BxC = jnp.mean(probs_MxBxC, axis=0)
+  elif strategy == "map":
+    probs_MxBxC = jax.lax.map(lambda v: probs_fn(v), last, batch_size=chunk_size)
+    mean_BxC = jnp.mean(probs_MxBxC, axis=0)
+  else:  # "loop"
+    members = [probs_fn(jax.tree.map(lambda a, i=i: a[i], last)) for i in range(last_m)]
+    mean_BxC = functools.reduce(jnp.add, members) / last_m
+    probs_MxBxC = jnp.stack(members) if return_members else None
+  if return_members:
+    return mean_BxC, probs_MxBxC
+  return mean_BxC
+
+
+def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int | None = None,
+                     strategy: str = "auto", chunk_size: int | None = None,
+                     return_members: bool = False):
+  """Mean softmax (float32, (batch, classes)) of the last `last_m` stacked snapshots on x."""
+  if not callable(apply_fn):
+    raise ValueError(f"apply_fn must be callable as apply_fn(variables, x), got {apply_fn!r}")
+  try:
+    hash(apply_fn)
+  except TypeError:
+    raise ValueError(f"apply_fn must be hashable (it keys the compile cache), got {apply_fn!r}") from None
+  strategy = resolve_strategy(strategy, x)
+  num = _num_members(stacked)
+  if last_m is None:
+    last_m = num
+  if isinstance(last_m, bool) or not isinstance(last_m, numbers.Integral) or not 1 <= last_m <= num:
+    raise ValueError(f"last_m must be None or an int in [1, {num}] (M={num} snapshots), got {last_m!r}")
+  if chunk_size is not None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+      raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if strategy != "map":
+      chunk_size = None  # Only "map" batches members; "vmap" does all at once, "loop" one at a time.
+    else:
+      chunk_size = min(int(chunk_size), int(last_m))
+  return _ensemble(apply_fn, stacked, x, last_m=int(last_m), strategy=strategy, chunk_size=chunk_size,
+                   return_members=bool(return_members))
+
+
+class Counts(NamedTuple):
+  """Per-batch sums that add up exactly over a test set: errors, total NLL, counted examples."""
+  num_errors: jax.Array
+  sum_nll: jax.Array
+  num_examples: jax.Array
+
+  def merge(self, other: "Counts") -> "Counts":
+    """Elementwise sum with another batch's counts."""
+    return Counts(*(a + b for a, b in zip(self, other)))
+
+  def error_rate(self) -> jax.Array:
+    """Fraction misclassified (nan when no example counted)."""
+    return self.num_errors / self.num_examples
+
+  def nll(self) -> jax.Array:
+    """Mean negative log-likelihood (nan when no example counted)."""
+    return self.sum_nll / self.num_examples
+
+
+def _check_metric_args(probs_BxC, labels_B, mask_B) -> None:
+  if jnp.ndim(probs_BxC) != 2:
+    raise ValueError(f"probs_BxC must have shape (batch, classes), got shape {jnp.shape(probs_BxC)}")
+  batch = jnp.shape(probs_BxC)[0]
+  if jnp.shape(labels_B) != (batch,):
+    raise ValueError(f"labels_B must have shape ({batch},) to match probs_BxC, got {jnp.shape(labels_B)}")
+  if mask_B is not None and jnp.shape(mask_B) != (batch,):
+    raise ValueError(f"mask_B must be None or have shape ({batch},), got {jnp.shape(mask_B)}")
+
+
+def counts(probs_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array | None = None) -> Counts:
+  """Errors (argmax != label), summed NLL and number of examples where mask_B != 0 (all if None)."""
+  _check_metric_args(probs_BxC, labels_B, mask_B)
+  probs_BxC = jnp.asarray(probs_BxC).astype(jnp.float32)
+  labels_B = jnp.asarray(labels_B).astype(jnp.int32)
+  keep_B = jnp.ones(labels_B.shape, bool) if mask_B is None else jnp.asarray(mask_B) != 0
+  wrong_B = jnp.argmax(probs_BxC, axis=-1) != labels_B
+  p_B = jnp.take_along_axis(probs_BxC, labels_B[:, None], axis=-1)[:, 0]
+  nll_B = -jnp.log(jnp.clip(p_B, _NLL_EPS, 1.0))
+  return Counts(
+      num_errors=jnp.sum(wrong_B & keep_B, dtype=jnp.int32),
+      sum_nll=jnp.sum(jnp.where(keep_B, nll_B, 0.0)),
+      num_examples=jnp.sum(keep_B, dtype=jnp.int32))
+
+
+def error_rate(probs_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array | None = None) -> jax.Array:
+  """Fraction of (unmasked) examples whose argmax differs from the label; float32 scalar."""
+  return counts(probs_BxC, labels_B, mask_B).error_rate().astype(jnp.float32)
+
+
+def nll(probs_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array | None = None) -> jax.Array:
+  """Mean negative log-likelihood of the labels over (unmasked) examples; float32 scalar."""
+  return counts(probs_BxC, labels_B, mask_B).nll().astype(jnp.float32)
