@@ -1,0 +1,7 @@
+"""Paper Table 1: densenet40 on cifar10, B=300 epochs, M=6 cycles, batch 64, alpha0=0.2 (--config.init_lr=0.1 for the other column)."""
+from snapjax import config as base
+
+
+def get_config():
+  c = base.paper_config("densenet40", "cifar10")
+  return c

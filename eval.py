@@ -1,0 +1,35 @@
+"""Score a run's snapshots and their last-m ensembles: python eval.py --workdir runs/quick."""
+from absl import app, flags
+
+from snapjax import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("workdir", None, "Run directory; repeat to ensemble the snapshots of several runs.")
+flags.DEFINE_integer("last_m", None, "Size of the headline ensemble: the last m snapshots (default: all).")
+flags.DEFINE_string("out_dir", None, "Where report.json/report.md/error_vs_m.png go (default WORKDIR/eval).")
+flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size (default: the run's config).")
+flags.DEFINE_string("data_dir", None, "Override the run's TFDS data_dir.")
+flags.DEFINE_string("fashion_mnist_dir", None, "Override the run's Fashion-MNIST IDX directory.")
+flags.DEFINE_string("tiny_imagenet_dir", None, "Override the run's Tiny ImageNet directory.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}")
+  if FLAGS.last_m is not None and FLAGS.last_m < 1:
+    cli.fail(f"--last_m must be >= 1 (1..number of snapshots), got {FLAGS.last_m}")
+  from snapjax import evaluation
+  overrides = {"data_dir": FLAGS.data_dir, "fashion_mnist_dir": FLAGS.fashion_mnist_dir,
+               "tiny_imagenet_dir": FLAGS.tiny_imagenet_dir}
+  report = cli.run_guarded(lambda: evaluation.evaluate_runs(
+      FLAGS.workdir, last_m=FLAGS.last_m, out_dir=FLAGS.out_dir, data_overrides=overrides,
+      eval_batch_size=FLAGS.eval_batch_size))
+  best = min(s["error"] for s in report["snapshots"])
+  ens = report["ensemble"]
+  print(f"best single snapshot error {100 * best:.2f}% | ensemble of last {ens['m']} error "
+        f"{100 * ens['error']:.2f}%, NLL {ens['nll']:.4f} | {report['num_test_examples']} test examples")
+
+
+if __name__ == "__main__":
+  cli.run_guarded(lambda: app.run(main))

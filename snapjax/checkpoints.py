@@ -1,0 +1,124 @@
+"""Orbax persistence of a run: the train state (for resuming), every snapshot, and the run's config."""
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from snapjax.errors import CheckpointError
+
+STATE_DIR = "state"
+SNAPSHOT_DIR = "snapshots"
+CONFIG_FILE = "config.json"
+# Fields that may change between the runs of one workdir: they do not change what is trained.
+MUTABLE_FIELDS = frozenset({
+    "data_dir", "fashion_mnist_dir", "tiny_imagenet_dir", "eval_batch_size", "log_every_steps",
+    "checkpoint_every_steps", "eval_snapshots"})
+
+
+def _manager(path: str, *, max_to_keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=not read_only)
+  return ocp.CheckpointManager(os.path.abspath(path), options=options)
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+  """ShapeDtypeStructs of a pytree (with its own or the given sharding), as a restore target."""
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding or getattr(a, "sharding", None)),
+      tree)
+
+
+class RunCheckpoints:
+  """The train state (latest two kept) and every snapshot of one workdir, saved asynchronously."""
+
+  def __init__(self, workdir: str, *, read_only: bool = False):
+    self.workdir = workdir
+    self.read_only = read_only
+    self._state = None if read_only else _manager(os.path.join(workdir, STATE_DIR), max_to_keep=2)
+    snap_dir = os.path.join(workdir, SNAPSHOT_DIR)
+    if read_only and not os.path.isdir(snap_dir):
+      raise CheckpointError(f"no snapshots in workdir {workdir!r}: {snap_dir} does not exist (train first)")
+    self._snaps = _manager(snap_dir, max_to_keep=None, read_only=read_only)
+
+  # Train state.
+  def latest_state_step(self) -> int | None:
+    return self._state.latest_step()
+
+  def save_state(self, step: int, state: Any) -> None:
+    # A later state must never be committed before an earlier snapshot: the snapshot is the product.
+    self._snaps.wait_until_finished()
+    self._state.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    try:
+      return self._state.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # orbax raises many types for unreadable data.
+      raise CheckpointError(
+          f"train state at step {step} in {self._state.directory} cannot be restored "
+          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+  # Snapshots.
+  def snapshot_steps(self) -> list[int]:
+    return sorted(self._snaps.all_steps())
+
+  def save_snapshot(self, step: int, variables: Any, meta: dict[str, Any]) -> None:
+    self._snaps.save(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def snapshot_path(self, step: int) -> str:
+    return os.path.join(str(self._snaps.directory), str(step))
+
+  def restore_snapshot(self, step: int, abstract_variables: Any) -> tuple[Any, dict[str, Any]]:
+    try:
+      out = self._snaps.restore(step, args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(abstract_variables), meta=ocp.args.JsonRestore()))
+      variables, meta = out.variables, out.meta
+      jax.block_until_ready(variables)
+    except Exception as e:
+      raise CheckpointError(
+          f"snapshot at step {step} ({self.snapshot_path(step)}) is corrupt or truncated "
+          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    return variables, meta
+
+  def wait(self) -> None:
+    self._snaps.wait_until_finished()
+    if self._state is not None:
+      self._state.wait_until_finished()
+
+  def close(self) -> None:
+    self._snaps.close()
+    if self._state is not None:
+      self._state.close()
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+  """The config a workdir was trained with, or None if it has none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path} is unreadable ({e}); it records the run's config") from e
+
+
+def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """Fields (other than MUTABLE_FIELDS) whose values differ between two configs."""
+  keys = (set(saved) | set(new)) - MUTABLE_FIELDS
+  return sorted(k for k in keys if saved.get(k) != new.get(k))
+
+
+def write_config(workdir: str, config: dict[str, Any]) -> None:
+  """Write config.json atomically (main process only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

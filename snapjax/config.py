@@ -1,0 +1,109 @@
+"""The experiment config: every field with its default, and the check that runs before any compilation."""
+import math
+from typing import Any
+
+import ml_collections
+
+# Allowed values of the string-valued fields; models and datasets are checked against their registries.
+SCHEDULES = ("cosine_cycles", "step")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every experiment (paper Table 1, ResNet-110 on CIFAR-10, alpha0 = 0.2)."""
+  c = ml_collections.ConfigDict()
+  c.model = "resnet110"  # Name in snapjax.models (resnet20/32/56/110, wrn32_4, densenet40, ...).
+  c.dataset = "cifar10"  # Name in snapjax.data.DATASETS.
+  c.data_dir = ""  # TFDS data_dir (local path or gs:// bucket); "" = TFDS default (~/tensorflow_datasets).
+  c.fashion_mnist_dir = "/usr/share/datasets/fashion-mnist"  # Raw IDX files (Debian dataset-fashion-mnist).
+  c.tiny_imagenet_dir = ""  # Extracted tiny-imagenet-200/ folder (image-folder layout).
+  c.num_epochs = 200.0  # Training budget B in epochs; the loop converts it to update steps once.
+  c.num_cycles = 5  # M: cosine cycles (= snapshots); with schedule="step", the number of equally spaced snapshots.
+  c.init_lr = 0.2  # alpha0, the learning rate at the start of every cycle.
+  c.schedule = "cosine_cycles"  # "cosine_cycles" (Snapshot Ensemble, paper Eq. 2) or "step" (single-model baseline).
+  c.batch_size = 64  # Global batch size, split evenly over all devices of all hosts.
+  c.eval_batch_size = 500  # Global evaluation batch size (rounded up to a multiple of the device count).
+  c.seed = 0  # Seeds initialisation, data order, augmentation and dropout.
+  c.momentum = 0.9  # Nesterov momentum (paper's reference code).
+  c.nesterov = True  # Nesterov or heavy-ball momentum.
+  c.weight_decay = 1e-4  # L2 weight decay added to every gradient, as in the reference code.
+  c.dropout_rate = 0.0  # Dropout p for models that support it (paper baseline: 0.2 for WRN and DenseNet).
+  c.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (parameters stay float32).
+  c.stem_stride = 1  # Stride of the first convolution (2 for Tiny ImageNet, per the paper).
+  c.image_size = 224  # Train/eval crop size for streamed datasets (ImageNet).
+  c.log_every_steps = 100  # Progress line and TensorBoard scalars every this many steps.
+  c.checkpoint_every_steps = 1000  # Save the full train state (for resuming) every this many steps.
+  c.eval_snapshots = True  # Score every snapshot on the test split when it is taken.
+  return c
+
+
+# Paper budgets (Section 4): (dataset, model family) -> (B epochs, M cycles, batch size).
+_PAPER_BUDGETS = {
+    ("cifar", "resnet"): (200, 5, 64), ("cifar", "wrn"): (200, 5, 64), ("cifar", "densenet"): (300, 6, 64),
+    ("svhn", "resnet"): (40, 5, 64), ("svhn", "wrn"): (40, 5, 64), ("svhn", "densenet"): (40, 5, 64),
+    ("tiny_imagenet", "resnet"): (150, 6, 128), ("tiny_imagenet", "wrn"): (150, 6, 128),
+    ("tiny_imagenet", "densenet"): (150, 6, 64),
+}
+
+
+def paper_config(model: str, dataset: str, init_lr: float = 0.2) -> ml_collections.ConfigDict:
+  """A Table 1 experiment with the paper's budget (B, M, batch) for this model family and dataset."""
+  group = "cifar" if dataset.startswith("cifar") else "svhn" if dataset.startswith("svhn") else dataset
+  family = next((f for f in ("resnet", "wrn", "densenet") if model.startswith(f)), None)
+  if (group, family) not in _PAPER_BUDGETS:
+    raise ValueError(f"no paper budget for model={model!r} on dataset={dataset!r}")
+  c = base_config()
+  c.model, c.dataset, c.init_lr = model, dataset, init_lr
+  epochs, c.num_cycles, c.batch_size = _PAPER_BUDGETS[(group, family)]
+  c.num_epochs = float(epochs)
+  if group == "tiny_imagenet":
+    c.stem_stride = 2  # 64x64 input: stride 2 in the first convolution of each model.
+  return c
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Plain JSON-able dict of a config."""
+  return config.to_dict()
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raise ConfigError (one line, names the field and allowed values) for any bad field."""
+  from snapjax import data, models  # Imported here: registries are only needed for the check.
+  from snapjax.errors import ConfigError
+
+  known = set(base_config().keys())
+  unknown = sorted(set(config.keys()) - known)
+  if unknown:
+    raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+  if config.model not in models.names():
+    raise ConfigError(f"model={config.model!r} is not known; allowed: {', '.join(models.names())}")
+  if config.dataset not in data.DATASETS:
+    raise ConfigError(f"dataset={config.dataset!r} is not known; allowed: {', '.join(sorted(data.DATASETS))}")
+  if config.schedule not in SCHEDULES:
+    raise ConfigError(f"schedule={config.schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
+  if config.dtype not in DTYPES:
+    raise ConfigError(f"dtype={config.dtype!r} is not known; allowed: {', '.join(DTYPES)}")
+
+  def positive_int(name):
+    v = config[name]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+
+  for name in ("num_cycles", "batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps"):
+    positive_int(name)
+  if config.stem_stride not in (1, 2):
+    raise ConfigError(f"stem_stride must be 1 or 2, got {config.stem_stride!r}")
+  for name in ("num_epochs", "init_lr"):
+    v = config[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+      raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+  for name, lo, hi in (("momentum", 0.0, 1.0), ("dropout_rate", 0.0, 1.0)):
+    v = config[name]
+    if not isinstance(v, (int, float)) or not lo <= v < hi:
+      raise ConfigError(f"{name} must be in [{lo}, {hi}), got {v!r}")
+  if not isinstance(config.weight_decay, (int, float)) or config.weight_decay < 0:
+    raise ConfigError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
+  if config.batch_size % num_devices:
+    raise ConfigError(
+        f"batch_size={config.batch_size} is not divisible by the device count {num_devices}; "
+        f"allowed: a multiple of {num_devices}")

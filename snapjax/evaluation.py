@@ -1,0 +1,207 @@
+"""Score a run's snapshots and their last-m ensembles on the test split (the logic of eval.py)."""
+import dataclasses
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from snapjax import checkpoints, data, ensemble, training
+from snapjax.errors import CheckpointError, ConfigError
+
+# Fields that must agree between runs whose snapshots are ensembled together.
+_SAME_ACROSS_RUNS = ("model", "dataset", "dtype", "stem_stride", "image_size")
+
+
+@dataclasses.dataclass
+class Member:
+  workdir: str
+  step: int
+  variables: Any
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with; CheckpointError if it is not a snapjax run."""
+  saved = checkpoints.read_config(workdir)
+  if saved is None:
+    raise CheckpointError(f"{workdir!r} is not a snapjax run: {os.path.join(workdir, checkpoints.CONFIG_FILE)} "
+                          f"does not exist")
+  return ml_collections.ConfigDict(saved)
+
+
+def check_compatible(configs: list[ml_collections.ConfigDict], workdirs: list[str]) -> None:
+  """All runs share the architecture and the dataset (class count), or a one-line CheckpointError."""
+  for cfg, wd in zip(configs[1:], workdirs[1:]):
+    diff = [k for k in _SAME_ACROSS_RUNS if cfg.get(k) != configs[0].get(k)]
+    if diff:
+      shown = ", ".join(f"{k}: {configs[0].get(k)!r} vs {cfg.get(k)!r}" for k in diff)
+      raise CheckpointError(f"runs {workdirs[0]!r} and {wd!r} cannot be ensembled together ({shown})")
+
+
+def restore_members(workdirs: list[str], model, input_shape, mesh) -> list[Member]:
+  """Every snapshot of every run, in the order given and, within a run, in training order."""
+  replicated = NamedSharding(mesh, P())
+  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
+                                             jnp.zeros((1, *input_shape), jnp.float32), train=False))
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                          {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})})
+  members = []
+  for wd in workdirs:
+    ckpt = checkpoints.RunCheckpoints(wd, read_only=True)
+    try:
+      steps = ckpt.snapshot_steps()
+      if not steps:
+        raise CheckpointError(f"no snapshots in workdir {wd!r} ({os.path.join(wd, checkpoints.SNAPSHOT_DIR)} "
+                              f"is empty): train first")
+      for step in steps:
+        variables, _ = ckpt.restore_snapshot(step, abstract)
+        members.append(Member(wd, step, variables))
+    finally:
+      ckpt.close()
+  return members
+
+
+@jax.jit
+def _member_and_ensemble_counts(members_MxBxC, labels_B, mask_B):
+  """Counts (errors, nll_sum, n) of each member and of each last-m ensemble, m = 1..M."""
+  m = members_MxBxC.shape[0]
+  per_member = jax.vmap(lambda p: jnp.stack(ensemble.counts(p, labels_B, mask_B)))(members_MxBxC)
+  last_m = jnp.cumsum(members_MxBxC[::-1], axis=0) / jnp.arange(1, m + 1, dtype=jnp.float32)[:, None, None]
+  per_m = jax.vmap(lambda p: jnp.stack(ensemble.counts(p, labels_B, mask_B)))(last_m)
+  return per_member, per_m
+
+
+def _rows(totals_Kx3: np.ndarray) -> list[dict[str, float]]:
+  return [{"error": float(e / n), "nll": float(s / n), "count": int(n)} for e, s, n in totals_Kx3]
+
+
+def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: str | None = None,
+                  data_overrides: dict[str, str] | None = None, eval_batch_size: int | None = None,
+                  plot: bool = True) -> dict[str, Any]:
+  """Score each snapshot and every last-m ensemble; write report.json, report.md and a PNG plot."""
+  if not workdirs:
+    raise ConfigError("--workdir is required (give it several times to ensemble several runs)")
+  configs = [load_run_config(wd) for wd in workdirs]
+  check_compatible(configs, workdirs)
+  config = configs[0]
+  for k, v in (data_overrides or {}).items():
+    if v:
+      config[k] = v
+  spec = data.get_spec(config.dataset)
+  model = training.make_model(config, spec.num_classes)
+  mesh = training.make_mesh()
+  input_shape = spec.image_shape if spec.in_memory else (config.image_size, config.image_size, spec.image_shape[-1])
+
+  # Cheap checks first: snapshot lists and last_m, before restoring or compiling anything.
+  num_snaps = 0
+  for wd in workdirs:
+    ckpt = checkpoints.RunCheckpoints(wd, read_only=True)
+    num_snaps += len(ckpt.snapshot_steps())
+    ckpt.close()
+  if last_m is not None and (isinstance(last_m, bool) or not 1 <= last_m <= max(num_snaps, 1)):
+    raise ConfigError(f"last_m={last_m} is out of range; allowed: 1..{num_snaps} (the number of snapshots)")
+  members = restore_members(workdirs, model, input_shape, mesh)
+  num = len(members)
+  last_m = last_m or num
+  stacked = ensemble.stack_snapshots([m.variables for m in members])
+  del members[:]  # Only the stack is kept in device memory.
+
+  compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  apply_fn = _apply_fn(model, compute_dtype)
+  batch_size = eval_batch_size or config.eval_batch_size
+  member_tot, ens_tot, head_tot = np.zeros((num, 3)), np.zeros((num, 3)), np.zeros(3)
+  for x, y, mask in _test_batches(config, spec, mesh, batch_size):
+    mean_BxC, members_MxBxC = ensemble.ensemble_predict(apply_fn, stacked, x, last_m=num, return_members=True)
+    head = ensemble.ensemble_predict(apply_fn, stacked, x, last_m=last_m) if last_m != num else mean_BxC
+    per_member, per_m = _member_and_ensemble_counts(members_MxBxC, y, mask)
+    member_tot += np.asarray(per_member, np.float64)
+    ens_tot += np.asarray(per_m, np.float64)
+    head_tot += np.asarray(jnp.stack(ensemble.counts(head, y, mask)), np.float64)
+
+  steps = _member_steps(workdirs)
+  report = {
+      "dataset": config.dataset, "model": config.model, "workdirs": list(workdirs),
+      "num_test_examples": int(head_tot[2]),
+      "snapshots": [{"workdir": wd, "step": st, **r} for (wd, st), r in zip(steps, _rows(member_tot))],
+      "ensembles": [{"m": i + 1, **r} for i, r in enumerate(_rows(ens_tot))],
+      "ensemble": {"m": last_m, **_rows(head_tot[None])[0]},
+  }
+  out_dir = out_dir or os.path.join(workdirs[0], "eval")
+  if jax.process_index() == 0:
+    write_report(report, out_dir, plot=plot)
+  return report
+
+
+def _apply_fn(model, compute_dtype):
+  return lambda variables, x: model.apply(variables, x.astype(compute_dtype), train=False)
+
+
+def _member_steps(workdirs: list[str]) -> list[tuple[str, int]]:
+  out = []
+  for wd in workdirs:
+    ckpt = checkpoints.RunCheckpoints(wd, read_only=True)
+    out += [(wd, s) for s in ckpt.snapshot_steps()]
+    ckpt.close()
+  return out
+
+
+def _test_batches(config, spec, mesh, batch_size):
+  if spec.in_memory:
+    images, labels = data.load_arrays(
+        spec, spec.eval_split, data_dir=config.data_dir or None, fashion_mnist_dir=config.fashion_mnist_dir,
+        tiny_imagenet_dir=config.tiny_imagenet_dir or None)
+    yield from training.eval_batches_on_mesh(mesh, spec, images, labels, batch_size)
+    return
+  n = mesh.devices.size
+  per_host = -(-batch_size // n) * n // jax.process_count()
+  sharding = NamedSharding(mesh, P(training.DATA_AXIS))
+  for b in data.make_stream(spec, spec.eval_split, batch_size_per_host=per_host, data_dir=config.data_dir or None,
+                            train=False, seed=0, image_size=config.image_size):
+    yield tuple(jax.make_array_from_process_local_data(sharding, b[k]) for k in ("image", "label", "mask"))
+
+
+def write_report(report: dict[str, Any], out_dir: str, *, plot: bool = True) -> None:
+  """report.json, report.md and error_vs_m.png in out_dir."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  lines = [f"# Snapshot Ensemble evaluation: {report['model']} on {report['dataset']} "
+           f"({report['num_test_examples']} test examples)", "",
+           "| snapshot | run | step | error (%) | NLL |", "|---|---|---|---|---|"]
+  for i, s in enumerate(report["snapshots"]):
+    lines.append(f"| {i + 1} | {s['workdir']} | {s['step']} | {100 * s['error']:.2f} | {s['nll']:.4f} |")
+  lines += ["", "| last-m ensemble | error (%) | NLL |", "|---|---|---|"]
+  for e in report["ensembles"]:
+    lines.append(f"| m={e['m']} | {100 * e['error']:.2f} | {e['nll']:.4f} |")
+  best = min(s["error"] for s in report["snapshots"])
+  lines += ["", f"Best single snapshot: {100 * best:.2f}% error; ensemble of the last {report['ensemble']['m']}: "
+            f"{100 * report['ensemble']['error']:.2f}% error, NLL {report['ensemble']['nll']:.4f}.", ""]
+  with open(os.path.join(out_dir, "report.md"), "w") as f:
+    f.write("\n".join(lines))
+  if plot:
+    _plot(report, os.path.join(out_dir, "error_vs_m.png"))
+  logging.info("Wrote %s", os.path.join(out_dir, "report.md"))
+
+
+def _plot(report: dict[str, Any], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  num = len(report["snapshots"])
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot(range(1, num + 1), [100 * s["error"] for s in report["snapshots"]], "o-", label="snapshot i (training order)")
+  ax.plot([e["m"] for e in report["ensembles"]], [100 * e["error"] for e in report["ensembles"]], "s-",
+          label="ensemble of the last m")
+  ax.set_xlabel("snapshot index i / ensemble size m")
+  ax.set_ylabel("test error (%)")
+  ax.set_title(f"{report['model']} on {report['dataset']}")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

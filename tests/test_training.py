@@ -1,0 +1,226 @@
+"""End-to-end training + evaluation on a tiny generated IDX dataset and on mock TFDS data, 4 fake devices."""
+import gzip
+import json
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+from snapjax import checkpoints, config as config_lib, evaluation, models, schedules, training
+from snapjax.errors import CheckpointError, ConfigError
+
+NUM_TRAIN, NUM_TEST = 512, 203  # 203: the last evaluation batch is partial and padded.
+MEAN, STD = 72.94, 90.02  # Fashion-MNIST statistics, restated here as the reference normalisation.
+
+
+def _write_idx(path, array):
+  """Independent IDX writer: magic (0, 0, type 0x08, ndim), big-endian dims, raw bytes, gzipped."""
+  header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_tiny_fashion_mnist(directory, seed=0):
+  """Learnable 10-class 28x28 data, invariant to crops and flips: class k has brightness 20k plus noise."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  for prefix, n in (("train", NUM_TRAIN), ("t10k", NUM_TEST)):
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = (rng.integers(0, 50, (n, 28, 28)) + 20 * labels[:, None, None]).astype(np.uint8)
+    _write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), images)
+    _write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+  return directory
+
+
+def tiny_config(data_dir, **overrides):
+  c = config_lib.base_config()
+  c.model = "resnet8"
+  c.dataset = "fashion_mnist"
+  c.fashion_mnist_dir = str(data_dir)
+  c.num_epochs = 4.0
+  c.num_cycles = 2
+  c.init_lr = 0.1
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.log_every_steps = 8
+  c.checkpoint_every_steps = 10
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+  return make_tiny_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")))
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_data, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run_full"))
+  result = training.train_and_evaluate(tiny_config(tiny_data), workdir)
+  return workdir, result
+
+
+def _load_snapshots(workdir, config):
+  model = training.make_model(config, 10)
+  mesh = training.make_mesh()
+  members = evaluation.restore_members([workdir], model, (28, 28, 1), mesh)
+  return model, members
+
+
+def _snapshot_arrays(workdir):
+  """Every snapshot's leaves as numpy, read back from disk."""
+  config = evaluation.load_run_config(workdir)
+  _, members = _load_snapshots(workdir, config)
+  return {m.step: jax.tree.map(np.asarray, m.variables) for m in members}
+
+
+def test_snapshots_at_exactly_the_schedule_steps(full_run):
+  workdir, result = full_run
+  # 512 examples over 4 devices, 8 per device per step: 16 steps/epoch, 4 epochs, 2 cycles.
+  assert schedules.snapshot_steps(64, 2) == [32, 64]
+  ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
+  assert ckpt.snapshot_steps() == [32, 64]
+  ckpt.close()
+  assert result["step"] == 64 and not result["preempted"]
+  assert [s["step"] for s in result["snapshot_scores"]] == [32, 64]
+  assert all(s["count"] == NUM_TEST for s in result["snapshot_scores"])
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["model"] == "resnet8" and saved["num_cycles"] == 2
+
+
+def test_training_learns_the_tiny_task(full_run):
+  _, result = full_run
+  # Chance is 90% error; brightness-coded classes are easy after four epochs.
+  assert result["snapshot_scores"][-1]["error"] < 0.3
+
+
+def test_eval_report_equals_naive_recomputation(full_run, tiny_data, tmp_path):
+  workdir, result = full_run
+  report = evaluation.evaluate_runs([workdir], out_dir=str(tmp_path), plot=True)
+  for name in ("report.json", "report.md", "error_vs_m.png"):
+    assert os.path.getsize(tmp_path / name) > 0
+  on_disk = json.load(open(tmp_path / "report.json"))
+  assert on_disk["snapshots"] == report["snapshots"]
+
+  # Naive reference: each snapshot applied on its own, NumPy softmax and metrics, last-m means.
+  from snapjax import data
+  images, labels = data.load_fashion_mnist(tiny_data, "test")
+  x = (images.astype(np.float32) - MEAN) / STD
+  config = evaluation.load_run_config(workdir)
+  model, members = _load_snapshots(workdir, config)
+  probs = []
+  for m in members:
+    logits = np.asarray(model.apply(jax.device_get(m.variables), x, train=False), np.float64)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    probs.append(e / e.sum(-1, keepdims=True))
+  probs = np.stack(probs)
+  assert report["num_test_examples"] == NUM_TEST
+  for i, snap in enumerate(report["snapshots"]):
+    assert snap["step"] == members[i].step
+    np.testing.assert_allclose(snap["error"], np.mean(probs[i].argmax(-1) != labels), atol=1e-9)
+    np.testing.assert_allclose(snap["nll"], -np.mean(np.log(probs[i][np.arange(NUM_TEST), labels])), rtol=1e-4)
+  for ens in report["ensembles"]:
+    p = probs[len(probs) - ens["m"]:].mean(0)
+    np.testing.assert_allclose(ens["error"], np.mean(p.argmax(-1) != labels), atol=1e-9)
+    np.testing.assert_allclose(ens["nll"], -np.mean(np.log(p[np.arange(NUM_TEST), labels])), rtol=1e-4)
+  assert report["ensemble"]["m"] == 2
+  for k in ("error", "nll"):  # The headline comes straight from ensemble_predict's mean.
+    np.testing.assert_allclose(report["ensemble"][k], report["ensembles"][-1][k], rtol=1e-5)
+  # The score logged at snapshot time (a second code path) agrees with eval.py's.
+  for logged, snap in zip(result["snapshot_scores"], report["snapshots"]):
+    np.testing.assert_allclose(logged["error"], snap["error"], atol=1e-9)
+
+
+@pytest.mark.parametrize("stop_at", [20, 32])
+def test_interrupted_run_resumes_to_identical_snapshots(full_run, tiny_data, tmp_path, monkeypatch, stop_at):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(tiny_data)
+  # Preempt (the SIGTERM path) between snapshots, or right at the first snapshot.
+  monkeypatch.setattr(training._Preemption, "should_stop", lambda self, step: step == stop_at)
+  first = training.train_and_evaluate(config, workdir)
+  assert first["preempted"] and first["step"] == stop_at
+  ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
+  assert ckpt.snapshot_steps() == ([32] if stop_at >= 32 else [])
+  ckpt.close()
+  monkeypatch.undo()
+  second = training.train_and_evaluate(config, workdir)
+  assert not second["preempted"] and second["step"] == 64
+  resumed, reference = _snapshot_arrays(workdir), _snapshot_arrays(full_run[0])
+  assert sorted(resumed) == sorted(reference) == [32, 64]
+  for step in reference:
+    jax.tree.map(np.testing.assert_array_equal, resumed[step], reference[step])
+
+
+def test_different_config_in_same_workdir_is_refused(full_run, tiny_data):
+  workdir, _ = full_run
+  before = sorted(os.listdir(os.path.join(workdir, "snapshots")))
+  with pytest.raises(CheckpointError, match="different config.*init_lr"):
+    training.train_and_evaluate(tiny_config(tiny_data, init_lr=0.3), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "snapshots"))) == before
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("model", "resnet9", "model='resnet9'.*resnet110"),
+    ("dataset", "mnist", "dataset='mnist'.*cifar10"),
+    ("batch_size", 30, "batch_size=30.*divisible.*4"),
+    ("num_cycles", 0, "num_cycles"),
+    ("num_cycles", 80, "num_cycles=80"),
+    ("init_lr", 0.0, "init_lr"),
+    ("num_epochs", -1.0, "num_epochs"),
+    ("schedule", "linear", "schedule='linear'.*cosine_cycles"),
+])
+def test_bad_config_is_a_config_error_before_training(tiny_data, tmp_path, field, value, match):
+  with pytest.raises(ConfigError, match=match):
+    training.train_and_evaluate(tiny_config(tiny_data, **{field: value}), str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "snapshots")
+
+
+def test_step_schedule_baseline_takes_equally_spaced_snapshots(tiny_data, tmp_path):
+  config = tiny_config(tiny_data, schedule="step", num_cycles=4, eval_snapshots=False)
+  result = training.train_and_evaluate(config, str(tmp_path))
+  assert result["snapshot_steps"] == [16, 32, 48, 64]
+  ckpt = checkpoints.RunCheckpoints(str(tmp_path), read_only=True)
+  assert ckpt.snapshot_steps() == [16, 32, 48, 64]
+  ckpt.close()
+
+
+def test_mock_tfds_cifar10_end_to_end(tmp_path):
+  import tensorflow_datasets as tfds
+  c = config_lib.base_config()
+  c.update(model="resnet8", dataset="cifar10", num_epochs=1.0, num_cycles=2, batch_size=16,
+           eval_batch_size=24, log_every_steps=2, checkpoint_every_steps=100, data_dir=str(tmp_path / "tfds"))
+  with tfds.testing.mock_data(num_examples=70):
+    result = training.train_and_evaluate(c, str(tmp_path / "run"))
+    report = evaluation.evaluate_runs([str(tmp_path / "run")], plot=False)
+  # 70 examples over 4 devices: 17 per device, 4 per device per step -> 4 steps; cycles end at 2 and 4.
+  assert result["snapshot_steps"] == [2, 4]
+  assert report["num_test_examples"] == 70
+  assert [s["step"] for s in report["snapshots"]] == [2, 4]
+  assert [e["m"] for e in report["ensembles"]] == [1, 2]
+
+
+def test_paper_configs_match_the_paper_budgets():
+  import importlib.util
+  root = os.path.join(os.path.dirname(__file__), "..", "configs")
+  # (B epochs, M cycles, batch) from the paper's budget table.
+  expected = {"cifar10_resnet110": (200, 5, 64), "cifar100_resnet110": (200, 5, 64),
+              "cifar10_wrn32_4": (200, 5, 64), "cifar100_wrn32_4": (200, 5, 64),
+              "cifar10_densenet40": (300, 6, 64), "cifar100_densenet40": (300, 6, 64),
+              "cifar10_densenet100": (300, 6, 64), "cifar100_densenet100": (300, 6, 64),
+              "svhn_resnet110": (40, 5, 64), "tinyimagenet_resnet110": (150, 6, 128),
+              "imagenet_resnet50": (90, 2, 256)}
+  found = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
+  assert set(expected) | {"quickstart"} == found
+  for name in sorted(found):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    config_lib.validate(c, 4)
+    assert c.model in models.names()
+    if name in expected:
+      assert (c.num_epochs, c.num_cycles, c.batch_size) == expected[name], name
+      assert c.schedule == "cosine_cycles" and c.momentum == 0.9 and c.weight_decay == 1e-4
