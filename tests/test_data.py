@@ -299,7 +299,7 @@ def test_unprepared_tfds_dataset_raises_without_network(tmp_path):
     data.load_arrays(data.get_spec("cifar10"), "train", data_dir=tmp_path)
   message = str(err.value)
   assert "\n" not in message and str(tmp_path) in message and "tfds build cifar10" in message
-  assert not os.listdir(tmp_path) or not any(p.startswith("downloads") for p in os.listdir(tmp_path))
+  assert "downloads" not in os.listdir(tmp_path)  # Nothing was fetched.
 
 
 @pytest.mark.timeout(60)
@@ -432,10 +432,11 @@ def test_eval_num_batches_matches_naive_count():
 
 # ----------------------------------------------------------------------------- streaming
 
-def test_make_stream_eval_visits_each_example_once():
+@pytest.mark.parametrize("n", [6, 7])
+def test_make_stream_eval_visits_each_example_once(n):
   import tensorflow_datasets as tfds
   spec = data.get_spec("imagenet2012")
-  n, batch, size = 7, 3, 32
+  batch, size = 3, 32
   with tfds.testing.mock_data(num_examples=n):
     stream = data.make_stream(spec, "validation", batch_size_per_host=batch, data_dir=None,
                               train=False, seed=0, image_size=size)
@@ -464,6 +465,29 @@ def test_make_stream_eval_visits_each_example_once():
     central = resized[top:top + size, left:left + size]
     np.testing.assert_allclose(pixels.mean(axis=(0, 1)), central.mean(axis=(0, 1)), atol=8)
     assert np.abs(pixels - central).mean() < 38
+
+
+def test_make_stream_eval_pads_to_the_largest_host_shard(monkeypatch):
+  import tensorflow_datasets as tfds
+  n, batch = 4, 3
+  # Pretend another host holds 9 examples: this host must run ceil(9 / 3) = 3 batches too.
+  monkeypatch.setattr(data, "_host_split_sizes", lambda builder, split, count: [n, 9])
+  with tfds.testing.mock_data(num_examples=n):
+    batches = list(data.make_stream(data.get_spec("imagenet2012"), "validation",
+                                    batch_size_per_host=batch, data_dir=None, train=False, seed=0,
+                                    image_size=8))
+  masks = np.concatenate([b["mask"] for b in batches])
+  np.testing.assert_array_equal(masks, [1.0] * n + [0.0] * (9 - n))
+  assert all(b["image"].shape == (batch, 8, 8, 3) for b in batches)
+
+
+def test_make_stream_multi_host_eval_needs_split_sizes(monkeypatch):
+  import tensorflow_datasets as tfds
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with tfds.testing.mock_data(num_examples=4):
+    with pytest.raises(DataError, match="same number of batches"):
+      data.make_stream(data.get_spec("imagenet2012"), "validation", batch_size_per_host=2,
+                       data_dir=None, train=False, seed=0, image_size=8)
 
 
 def test_make_stream_train_repeats_and_is_deterministic():
