@@ -1,32 +1,32 @@
 """Snapshot-ensemble evaluation: stack snapshots, average the last m softmaxes, exact metrics.
 
-The ensemble is f_ens(x) = 1/m * sum_{i=0}^{m-1} f_{M-i}(x) (paper Eq. 3): the mean of the softmax
+The ensemble is f_ens(x) = 1/m * sum_{i=0}^{m-1} f_{M-i}(x) (Huang et al. 2017): the mean of the softmax
 outputs of the last m of M snapshots. `ensemble_predict` runs it as one jitted program per
 (apply_fn, input shapes, last_m, strategy, chunk_size, return_members); the snapshots are stacked on a
 leading axis and sliced to the last m inside that program, so nothing is copied to the host.
 
 Strategies (how the m members are evaluated inside the one program):
   "vmap": `jax.vmap` over the stacked axis. A convolution whose kernel is vmapped becomes a grouped
-    convolution (feature_group_count=m) on an m-times wider input; XLA:CPU runs that much slower than m
-    ordinary convolutions (benchmarks/ensemble_eval.py: ResNet-20, M=5, batch 256, about 6x slower
-    than the loop baseline on the 2-core CPU this was measured on).
+    convolution (feature_group_count=m) on an m-times wider input; XLA:CPU runs that 3-5x slower than
+    m ordinary convolutions (measured, see benchmarks/README.md).
   "map": `jax.lax.map` over the members (a scan): the body is the single-model program, compiled once
     whatever m is, with one member's activations alive at a time. `chunk_size` vmaps that many members
-    per step (`lax.map(..., batch_size=chunk_size)`), trading "map" for "vmap" behaviour.
-  "loop": a Python-unrolled sum over the members inside the jit: the same kernels as calling the single
-    model m times, without the per-call dispatch; compile time grows with m.
+    per step (`lax.map(..., batch_size=chunk_size)`), so it inherits "vmap"'s grouped convolutions.
+  "loop": a Python-unrolled sum over the members inside the jit; compile time grows with m.
   "auto": picked per backend (the platform of x's devices, else `jax.default_backend()`):
-    cpu -> "loop". Measured (benchmarks/README.md): "loop" and "map" both match the baseline of
-      calling a jitted single model m times (within timing noise on a shared 2-core machine), "vmap"
-      and "map" with chunk_size > 1 are several times slower; "loop" was the fastest or tied in
-      every run.
+    cpu -> "map". Measured with benchmarks/ensemble_eval.py (ResNet-20, 2 cores shared with other
+      jobs, so noisy): "map" was within noise of the baseline of calling a jitted single model m
+      times in every run (median ratio 0.80-1.20x; 1.02x on the quietest run, M=5, batch 256) and
+      its best time was never worse; "loop" matched it at M=5, batch 256 but was 0.6-0.9x at M=2,
+      batch 64 (cause not investigated) and compiles 2-3x longer; "vmap" was 0.19-0.30x and
+      chunked "map" 0.22-0.41x.
     gpu/tpu -> "map". Not measured (no accelerator here); reasoning: "map" runs exactly the
-      single-model kernels m times, so it cannot be much slower than the per-snapshot baseline (the
-      only extra is a device-side loop counter), its memory is one member's activations and its
-      compile time does not grow with m (the unrolled "loop" would compile m copies of a ResNet-110).
-      "vmap" may be faster on an accelerator for small models / small batches, where one member
-      does not fill the device, because grouped convolutions are native on TPU and cuDNN, but its
-      speed depends on the model and its memory is m times larger, so it is opt-in.
+      single-model kernels m times, so apart from a device-side loop counter it costs what the
+      per-snapshot baseline costs, keeps one member's activations in memory and compiles once
+      whatever m is (the unrolled "loop" would compile m copies of e.g. a ResNet-110). "vmap" may be
+      faster on an accelerator when one member does not fill the device (small model or batch),
+      since grouped convolutions are native on TPU and in cuDNN, but that depends on the model, is
+      unmeasured, and needs m times the activation memory, so it stays opt-in.
 """
 import functools
 import numbers
@@ -40,7 +40,7 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, Any], jax.Array]
 
 STRATEGIES = ("auto", "vmap", "map", "loop")
-_AUTO_STRATEGY = {"cpu": "loop", "gpu": "map", "cuda": "map", "rocm": "map", "tpu": "map"}
+_AUTO_STRATEGY = {"cpu": "map", "gpu": "map", "cuda": "map", "rocm": "map", "tpu": "map"}
 _NLL_EPS = 1e-12
 
 

@@ -191,7 +191,8 @@ def test_works_inside_outer_jit():
 
 def test_auto_resolves_by_platform():
   x = jnp.ones((2, 3))
-  assert ensemble.resolve_strategy("auto", x) == ensemble._AUTO_STRATEGY["cpu"]
+  assert ensemble.resolve_strategy("auto", x) == "map"  # Measured fastest on CPU (module docstring).
+  assert ensemble.resolve_strategy("auto", None) == "map"
   for name in ("vmap", "map", "loop"):
     assert ensemble.resolve_strategy(name, x) == name
 

@@ -1,0 +1,99 @@
+"""Images/s of snapshot-ensemble evaluation strategies vs calling a jitted single model M times.
+
+  python benchmarks/ensemble_eval.py --batch 256 --members 5 --repeats 5 --model resnet20
+
+All methods run round-robin in one process (repeat r of every method before repeat r + 1), so load
+from other processes on a shared machine hits them alike; the table reports the median.
+"""
+import argparse
+import platform
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from snapjax import ensemble, models
+
+
+def _parse() -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=256, help="images per forward pass")
+  p.add_argument("--members", type=int, default=5, help="M, number of stacked snapshots")
+  p.add_argument("--repeats", type=int, default=5, help="timed runs per method (after warm-up)")
+  p.add_argument("--model", default="resnet20", help=f"a snapjax.models name: {', '.join(models.names())}")
+  p.add_argument("--num_classes", type=int, default=10, help="classes of the model's output")
+  p.add_argument("--chunk_size", type=int, default=2, help="members per step for the chunked 'map' row")
+  p.add_argument("--image_size", type=int, default=32, help="height = width of the input images")
+  p.add_argument("--skip", default="", help="comma-separated methods to skip: vmap, map, map_chunk, loop, auto")
+  args = p.parse_args()
+  for name in ("batch", "members", "repeats", "num_classes", "chunk_size", "image_size"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+  return args
+
+
+def main() -> None:
+  args = _parse()
+  model = models.get(args.model, args.num_classes)
+  x = jax.random.normal(jax.random.key(0), (args.batch, args.image_size, args.image_size, 3))
+  snapshots = [model.init(jax.random.key(1 + i), x[:1], train=False) for i in range(args.members)]
+  stacked = ensemble.stack_snapshots(snapshots)
+  jax.block_until_ready(stacked)
+
+  def apply_fn(variables, x):
+    return model.apply(variables, x, train=False)
+
+  single_probs = jax.jit(lambda v, x: jax.nn.softmax(apply_fn(v, x).astype(jnp.float32), axis=-1))
+
+  def baseline():
+    probs = [single_probs(s, x) for s in snapshots]
+    return sum(probs[1:], probs[0]) / len(probs)
+
+  def strategy(name, chunk_size=None):
+    return lambda: ensemble.ensemble_predict(apply_fn, stacked, x, strategy=name, chunk_size=chunk_size)
+
+  skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+  methods = {  # label -> fn; the first one is the baseline the speed column divides by.
+      "baseline: jitted single model x M": baseline,
+      "vmap": strategy("vmap"),
+      "map": strategy("map"),
+      f"map_chunk: map, chunk_size={args.chunk_size}": strategy("map", args.chunk_size),
+      "loop": strategy("loop"),
+      f"auto (-> {ensemble.resolve_strategy('auto', x)})": strategy("auto"),
+  }
+  methods = {k: v for k, v in methods.items() if re.split(r"[: ]", k)[0] not in skip}
+
+  first, want = {}, None
+  for name, fn in methods.items():
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    first[name] = time.perf_counter() - t0
+    want = np.asarray(out) if want is None else want
+    err = float(np.max(np.abs(np.asarray(out) - want)))
+    print(f"warm-up {name}: {first[name]:.2f} s (compile + run), max |probs - first method| = {err:.1e}",
+          flush=True)
+  times = {name: [] for name in methods}
+  for r in range(args.repeats):
+    for name, fn in methods.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+    print(f"repeat {r + 1}/{args.repeats} done", flush=True)
+
+  base = statistics.median(next(iter(times.values())))
+  print(f"\n{args.model}, M={args.members}, batch {args.batch}x{args.image_size}x{args.image_size}x3, "
+        f"median of {args.repeats}; jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"{len(jax.devices())} device(s), {platform.processor() or platform.machine()}\n")
+  print("| method | median s / batch | images/s | speed vs baseline | min-max s | warm-up s |")
+  print("|---|---|---|---|---|---|")
+  for name, ts in times.items():
+    med = statistics.median(ts)
+    print(f"| {name} | {med:.3f} | {args.batch / med:.0f} | {base / med:.2f}x | "
+          f"{min(ts):.3f}-{max(ts):.3f} | {first[name]:.1f} |")
+
+
+if __name__ == "__main__":
+  main()
