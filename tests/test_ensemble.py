@@ -116,9 +116,9 @@ def test_matches_naive_loop(case, strategy, chunk_size, last_m):
   assert probs_MxBxC.shape == want_MxBxC.shape
   np.testing.assert_allclose(probs_MxBxC, want_MxBxC, atol=2e-5)
   np.testing.assert_allclose(mean_BxC, want_MxBxC.mean(axis=0), atol=2e-5)
-  only_mean = ensemble.ensemble_predict(apply_fn, stacked, x, last_m=last_m, strategy=strategy,
-                                        chunk_size=chunk_size)
-  np.testing.assert_allclose(only_mean, want_MxBxC.mean(axis=0), atol=2e-5)
+  if last_m is None:  # The mean-only program is a separate compile; once per case keeps tests fast.
+    only_mean = ensemble.ensemble_predict(apply_fn, stacked, x, strategy=strategy, chunk_size=chunk_size)
+    np.testing.assert_allclose(only_mean, want_MxBxC.mean(axis=0), atol=2e-5)
 
 
 def test_last_m_uses_highest_indices():
