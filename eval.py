@@ -15,6 +15,7 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
+  cli.setup_logging()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
   if FLAGS.last_m is not None and FLAGS.last_m < 1:

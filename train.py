@@ -16,6 +16,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+  cli.setup_logging()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> to override config fields")
   cli.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

@@ -1,4 +1,5 @@
 """Shared command-line plumbing: one-line errors with exit code 2, optional multi-host start-up."""
+import logging as py_logging
 import os
 import sys
 from typing import Callable
@@ -9,6 +10,21 @@ from snapjax.errors import UserError
 
 EXIT_USAGE = 2
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Drops the INFO chatter of orbax and TensorFlow from the progress log; their warnings still show."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    noisy = any(p in record.pathname for p in ("/orbax/", "/tensorflow_datasets/", "/tensorflow/", "/clu/"))
+    return record.levelno >= py_logging.WARNING or not noisy
+
+
+def setup_logging() -> None:
+  """INFO progress lines from snapjax only; quiet TensorFlow's C++ start-up messages."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 def fail(message: str) -> None:

@@ -115,7 +115,7 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   apply_fn = _apply_fn(model, compute_dtype)
   batch_size = eval_batch_size or config.eval_batch_size
   member_tot, ens_tot, head_tot = np.zeros((num, 3)), np.zeros((num, 3)), np.zeros(3)
-  for x, y, mask in _test_batches(config, spec, mesh, batch_size):
+  for x, y, mask in training.iter_test_batches(config, spec, mesh, batch_size):
     mean_BxC, members_MxBxC = ensemble.ensemble_predict(apply_fn, stacked, x, last_m=num, return_members=True)
     head = ensemble.ensemble_predict(apply_fn, stacked, x, last_m=last_m) if last_m != num else mean_BxC
     per_member, per_m = _member_and_ensemble_counts(members_MxBxC, y, mask)
@@ -148,21 +148,6 @@ def _member_steps(workdirs: list[str]) -> list[tuple[str, int]]:
     out += [(wd, s) for s in ckpt.snapshot_steps()]
     ckpt.close()
   return out
-
-
-def _test_batches(config, spec, mesh, batch_size):
-  if spec.in_memory:
-    images, labels = data.load_arrays(
-        spec, spec.eval_split, data_dir=config.data_dir or None, fashion_mnist_dir=config.fashion_mnist_dir,
-        tiny_imagenet_dir=config.tiny_imagenet_dir or None)
-    yield from training.eval_batches_on_mesh(mesh, spec, images, labels, batch_size)
-    return
-  n = mesh.devices.size
-  per_host = -(-batch_size // n) * n // jax.process_count()
-  sharding = NamedSharding(mesh, P(training.DATA_AXIS))
-  for b in data.make_stream(spec, spec.eval_split, batch_size_per_host=per_host, data_dir=config.data_dir or None,
-                            train=False, seed=0, image_size=config.image_size):
-    yield tuple(jax.make_array_from_process_local_data(sharding, b[k]) for k in ("image", "label", "mask"))
 
 
 def write_report(report: dict[str, Any], out_dir: str, *, plot: bool = True) -> None:

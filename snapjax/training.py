@@ -227,11 +227,10 @@ def _check_workdir(workdir: str, config_dict: dict[str, Any]) -> None:
         f"or pass --fresh to move the old run aside and start again")
 
 
-def _load_train_data(config, spec):
-  if not spec.in_memory:
-    return None
-  return data.load_arrays(spec, spec.train_split, data_dir=config.data_dir or None,
-                          fashion_mnist_dir=config.fashion_mnist_dir,
+def load_split(config: ml_collections.ConfigDict, spec: data.DatasetSpec, split: str):
+  """(images, labels) of an in-memory dataset's split, from the paths in the config."""
+  return data.load_arrays(spec, split, data_dir=config.data_dir or None,
+                          fashion_mnist_dir=config.fashion_mnist_dir or None,
                           tiny_imagenet_dir=config.tiny_imagenet_dir or None)
 
 
@@ -245,10 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = make_model(config, spec.num_classes)
 
   # Data (host side, before any compilation: a missing file is a user error, not a crash).
-  train_arrays = _load_train_data(config, spec)
-  test_images, test_labels = data.load_arrays(
-      spec, spec.eval_split, data_dir=config.data_dir or None, fashion_mnist_dir=config.fashion_mnist_dir,
-      tiny_imagenet_dir=config.tiny_imagenet_dir or None) if spec.in_memory else (None, None)
+  train_arrays = load_split(config, spec, spec.train_split) if spec.in_memory else None
+  test_images, test_labels = load_split(config, spec, spec.eval_split) if spec.in_memory else (None, None)
   num_train = len(train_arrays[1]) if train_arrays is not None else spec.num_train
   plan = make_plan(config, num_train, num_devices)
   schedule = make_schedule(config, plan)
@@ -289,10 +286,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
       stream = data.make_stream(
           spec, spec.train_split, batch_size_per_host=config.batch_size // jax.process_count(),
-          data_dir=config.data_dir or None, train=True, seed=config.seed, image_size=config.image_size)
+          data_dir=config.data_dir or None, train=True, seed=config.seed + start, image_size=config.image_size)
+      # A resumed stream is reseeded by the resume step: it does not replay the batches already seen, but
+      # (unlike the in-memory path) its order is not the one an uninterrupted run would have had.
       stream = iter(stream)
-      for _ in range(start % plan.steps_per_epoch):  # Keep the data order of an uninterrupted run's epoch.
-        next(stream)
       batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
       train_step = jax.jit(lambda s, x, y: step_fn(s, x.astype(compute_dtype), y), donate_argnums=(0,))
 
@@ -302,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 jax.make_array_from_process_local_data(batch_sharding, b["label"]))
 
     eval_fn = make_eval_fn(model, compute_dtype)
-    eval_batches = functools.partial(_eval_batches, mesh, spec, config, test_images, test_labels)
+    test_arrays = (test_images, test_labels) if spec.in_memory else None
+    eval_batches = functools.partial(iter_test_batches, config, spec, mesh, config.eval_batch_size, test_arrays)
     snapshot_steps = set(plan.snapshot_steps)
     scores = []
     pending = None  # (step, metrics) of the previous step, pulled after the next step is dispatched.
@@ -323,14 +321,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if done in snapshot_steps:
           variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
           cycle = sorted(snapshot_steps).index(done) + 1
-          if done not in ckpt.snapshot_steps():
-            ckpt.save_snapshot(done, variables, {"step": done, "cycle": cycle, "epoch": done / plan.steps_per_epoch})
-          if config.eval_snapshots and spec.in_memory:
+          meta = {"step": done, "cycle": cycle, "epoch": done / plan.steps_per_epoch}
+          if config.eval_snapshots:  # Scored before its save starts, so the score lands in its metadata.
             s = evaluate(eval_fn, variables, eval_batches())
             scores.append({"step": done, **s})
+            meta.update(test_error=s["error"], test_nll=s["nll"])
             logging.info("Snapshot %d/%d at step %d: test error %.4f, NLL %.4f", cycle, len(snapshot_steps),
                          done, s["error"], s["nll"])
             writer.write_scalars(done, {"snapshot/error": s["error"], "snapshot/nll": s["nll"]})
+          if done not in ckpt.snapshot_steps():
+            ckpt.save_snapshot(done, variables, meta)
         if must_save:
           ckpt.save_state(done, state)
         if preemption.should_stop(done) and done < plan.total_steps:
@@ -353,8 +353,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.flush()
 
 
-def _eval_batches(mesh, spec, config, test_images, test_labels):
-  return eval_batches_on_mesh(mesh, spec, test_images, test_labels, config.eval_batch_size)
+def iter_test_batches(config, spec, mesh, batch_size, arrays=None):
+  """Exact (padded, masked) test batches sharded over the mesh: in-memory arrays or a tf.data stream."""
+  if spec.in_memory:
+    images, labels = arrays if arrays is not None else load_split(config, spec, spec.eval_split)
+    yield from eval_batches_on_mesh(mesh, spec, images, labels, batch_size)
+    return
+  n = mesh.devices.size
+  per_host = -(-batch_size // n) * n // jax.process_count()
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  for b in data.make_stream(spec, spec.eval_split, batch_size_per_host=per_host, data_dir=config.data_dir or None,
+                            train=False, seed=0, image_size=config.image_size):
+    yield tuple(jax.make_array_from_process_local_data(sharding, b[k]) for k in ("image", "label", "mask"))
 
 
 def _trim(array: np.ndarray, num_devices: int) -> np.ndarray:

@@ -9,3 +9,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_platforms", "cpu")
+# Many tests train the same tiny programs: a persistent compilation cache shared by the xdist workers
+# turns the repeated compilations into cache hits.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("SNAPJAX_TEST_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                                        "snapjax-test-jax-cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

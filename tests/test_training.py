@@ -224,3 +224,27 @@ def test_paper_configs_match_the_paper_budgets():
     if name in expected:
       assert (c.num_epochs, c.num_cycles, c.batch_size) == expected[name], name
       assert c.schedule == "cosine_cycles" and c.momentum == 0.9 and c.weight_decay == 1e-4
+
+
+def test_mock_tfds_imagenet_streams_through_tf_data(tmp_path):
+  import tensorflow_datasets as tfds
+  c = config_lib.base_config()
+  c.update(model="resnet8", dataset="imagenet2012", image_size=32, num_epochs=1.0, num_cycles=1, batch_size=8,
+           eval_batch_size=8, log_every_steps=1, checkpoint_every_steps=100, data_dir=str(tmp_path / "tfds"))
+  # The registry's ImageNet sizes define the epoch; shrink them to the mock split's.
+  from snapjax import data
+  spec = data.DATASETS["imagenet2012"]
+  mock = dataclasses_replace(spec, num_train=24, num_eval=10)
+  with pytest.MonkeyPatch.context() as mp, tfds.testing.mock_data(num_examples=10):
+    mp.setitem(data.DATASETS, "imagenet2012", mock)
+    result = training.train_and_evaluate(c, str(tmp_path / "run"))
+    report = evaluation.evaluate_runs([str(tmp_path / "run")], plot=False)
+  assert result["snapshot_steps"] == [3]
+  assert [s["step"] for s in report["snapshots"]] == [3]
+  assert report["num_test_examples"] == 10  # Padded last batch, each example once.
+  assert result["snapshot_scores"][0]["count"] == 10
+
+
+def dataclasses_replace(obj, **kw):
+  import dataclasses
+  return dataclasses.replace(obj, **kw)
