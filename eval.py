@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run_guarded(lambda: app.run(main))
+  cli.run_guarded(lambda: app.run(main, flags_parser=cli.parse_flags))

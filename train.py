@@ -19,11 +19,12 @@ def main(argv):
   cli.setup_logging()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> to override config fields")
+  config = cli.config_from_flag("config")
   cli.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                    FLAGS.cpu_collectives)
   from snapjax import training
-  cli.run_guarded(lambda: training.main(FLAGS.config, FLAGS.workdir, fresh=FLAGS.fresh))
+  cli.run_guarded(lambda: training.main(config, FLAGS.workdir, fresh=FLAGS.fresh))
 
 
 if __name__ == "__main__":
-  cli.run_guarded(lambda: app.run(main))
+  cli.run_guarded(lambda: app.run(main, flags_parser=cli.parse_flags))

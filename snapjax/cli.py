@@ -33,6 +33,45 @@ def fail(message: str) -> None:
   sys.exit(EXIT_USAGE)
 
 
+# What loading a config file or applying a --config.<field> override can raise.
+_CONFIG_ERRORS = (OSError, AttributeError, KeyError, TypeError, ValueError, SyntaxError, ImportError, NameError)
+
+
+def _one_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).strip("'\"").splitlines() if l.strip()]
+  reason = lines[-1] if lines else type(e).__name__
+  if isinstance(e, KeyError) or (isinstance(e, AttributeError) and "get_config" not in reason):
+    reason = f"unknown config field {reason}"
+  elif isinstance(e, AttributeError):
+    reason = "the config file does not define get_config()"
+  return reason
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flags parser for app.run: a bad flag or config file is a one-line error and exit code 2."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e))
+  except _CONFIG_ERRORS as e:
+    fail(f"bad --config: {_one_line(e)}")
+
+
+def config_from_flag(name: str = "config"):
+  """The ConfigDict of a config_flags flag (loaded lazily): load errors become one line and exit code 2."""
+  from absl import flags
+  try:
+    config = getattr(flags.FLAGS, name)
+    if config is not None:
+      config.keys()  # The file is loaded, and overrides applied, on first use.
+  except (*_CONFIG_ERRORS, flags.Error) as e:
+    fail(f"--{name}={flags.FLAGS[name].config_filename!r}: {_one_line(e)}")
+  if config is None:
+    fail(f"--{name} is required: a config file such as configs/quickstart.py")
+  return config
+
+
 def run_guarded(fn: Callable[[], object]) -> object:
   """Call fn; a UserError becomes a one-line message and exit code 2."""
   try:

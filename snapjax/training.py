@@ -33,7 +33,6 @@ class Plan:
   steps_per_epoch: int
   total_steps: int
   snapshot_steps: tuple[int, ...]
-  num_devices: int
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -43,14 +42,17 @@ def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
                        devices=devices)
 
 
-def make_plan(config: ml_collections.ConfigDict, num_train: int, num_devices: int) -> Plan:
-  """Steps per epoch (drop remainder), total update steps and snapshot steps; ConfigError if they do not fit."""
-  per_device = num_train // num_devices
-  steps_per_epoch = per_device // (config.batch_size // num_devices)
+def make_plan(config: ml_collections.ConfigDict, num_train: int) -> Plan:
+  """Steps per epoch (drop remainder), total update steps and snapshot steps; ConfigError if they do not fit.
+
+  The plan depends on the global batch only, not on the device count, so a run can resume on another mesh.
+  """
+  # Each device's shard (N // D examples) always holds the steps_per_epoch * B / D examples it draws per epoch.
+  steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch < 1:
     raise ConfigError(
-        f"batch_size={config.batch_size} is larger than the training set ({num_train} examples "
-        f"over {num_devices} devices); allowed: at most {per_device * num_devices}")
+        f"batch_size={config.batch_size} is larger than the training set ({num_train} examples); "
+        f"allowed: at most {num_train}")
   try:
     total = schedules.steps_for_epochs(config.num_epochs, steps_per_epoch)
     if config.schedule == "cosine_cycles":
@@ -63,7 +65,7 @@ def make_plan(config: ml_collections.ConfigDict, num_train: int, num_devices: in
     raise ConfigError(
         f"num_epochs={config.num_epochs} ({steps_per_epoch} steps/epoch) and num_cycles={config.num_cycles} "
         f"do not fit: {e}") from e
-  return Plan(steps_per_epoch, total, tuple(snaps), num_devices)
+  return Plan(steps_per_epoch, total, tuple(snaps))
 
 
 def make_schedule(config: ml_collections.ConfigDict, plan: Plan) -> optax.Schedule:
@@ -136,7 +138,7 @@ def make_device_batch_fn(mesh, spec: data.DatasetSpec, plan: Plan, batch_size: i
   Every device reshuffles its shard each epoch (a permutation keyed by seed, epoch and device) and
   augments its slice, so the host does no per-step work.
   """
-  local_batch = batch_size // plan.num_devices
+  local_batch = batch_size // mesh.devices.size
 
   def local(images_l, labels_l, step):
     d = jax.lax.axis_index(DATA_AXIS)
@@ -247,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_arrays = load_split(config, spec, spec.train_split) if spec.in_memory else None
   test_images, test_labels = load_split(config, spec, spec.eval_split) if spec.in_memory else (None, None)
   num_train = len(train_arrays[1]) if train_arrays is not None else spec.num_train
-  plan = make_plan(config, num_train, num_devices)
+  plan = make_plan(config, num_train)
   schedule = make_schedule(config, plan)
   tx = make_optimizer(config, schedule)
   checkpoints.write_config(workdir, config_dict)
