@@ -417,7 +417,7 @@ def _log_progress(writer, step: int, metrics, plan: Plan, batch_size: int, windo
   eta = (plan.total_steps - step) / max(rate, 1e-9)
   logging.info("step %d/%d epoch %.2f loss %.4f acc %.3f lr %.5f %.0f img/s ETA %s", step, plan.total_steps,
                step / plan.steps_per_epoch, m["loss"], m["accuracy"], m["lr"], rate * batch_size,
-               time.strftime("%H:%M:%S", time.gmtime(eta)))
+               f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
   writer.write_scalars(step, {"train/loss": float(m["loss"]), "train/accuracy": float(m["accuracy"]),
                               "train/lr": float(m["lr"]), "train/images_per_sec": rate * batch_size})
   window.t0, window.step0 = now, step
