@@ -209,3 +209,19 @@ def test_mock_tfds_imagenet_streams_through_tf_data(tmp_path):
 def dataclasses_replace(obj, **kw):
   import dataclasses
   return dataclasses.replace(obj, **kw)
+
+
+def test_eval_ensembles_the_snapshots_of_several_runs(full_run, tiny_data, tmp_path):
+  # A second run with another seed: the paper's true-ensemble comparison stacks both runs' snapshots.
+  other = str(tmp_path / "seed1")
+  training.train_and_evaluate(tiny_config(tiny_data, seed=1, eval_snapshots=False), other)
+  report = evaluation.evaluate_runs([full_run[0], other], out_dir=str(tmp_path / "eval"), plot=False)
+  assert [(s["workdir"], s["step"]) for s in report["snapshots"]] == [
+      (full_run[0], 32), (full_run[0], 64), (other, 32), (other, 64)]
+  assert [e["m"] for e in report["ensembles"]] == [1, 2, 3, 4]
+  # The last-1 ensemble is the other run's final snapshot; the last-2 is that run's own ensemble.
+  alone = evaluation.evaluate_runs([other], out_dir=str(tmp_path / "eval_other"), plot=False)
+  for k in ("error", "nll"):
+    np.testing.assert_allclose(report["ensembles"][0][k], alone["snapshots"][-1][k], rtol=1e-6)
+    np.testing.assert_allclose(report["ensembles"][1][k], alone["ensembles"][1][k], rtol=1e-6)
+  assert not os.path.exists(os.path.join(other, "eval"))  # out_dir was honoured.
