@@ -18,8 +18,6 @@ def main(argv):
   cli.setup_logging()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
-  if FLAGS.last_m is not None and FLAGS.last_m < 1:
-    cli.fail(f"--last_m must be >= 1 (1..number of snapshots), got {FLAGS.last_m}")
   from snapjax import evaluation
   overrides = {"data_dir": FLAGS.data_dir, "fashion_mnist_dir": FLAGS.fashion_mnist_dir,
                "tiny_imagenet_dir": FLAGS.tiny_imagenet_dir}

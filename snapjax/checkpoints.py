@@ -1,9 +1,11 @@
 """Orbax persistence of a run: the train state (for resuming), every snapshot, and the run's config."""
 import json
 import os
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from snapjax.errors import CheckpointError
@@ -65,6 +67,7 @@ class RunCheckpoints:
     return sorted(self._snaps.all_steps())
 
   def save_snapshot(self, step: int, variables: Any, meta: dict[str, Any]) -> None:
+    meta = {**meta, "checksums": array_checksums(variables)}
     self._snaps.save(step, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -78,9 +81,18 @@ class RunCheckpoints:
       variables, meta = out.variables, out.meta
       jax.block_until_ready(variables)
     except Exception as e:
+      reason = str(e).split("See full TensorStore details")[0].strip().splitlines()
       raise CheckpointError(
           f"snapshot at step {step} ({self.snapshot_path(step)}) is corrupt or truncated "
-          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+          f"({type(e).__name__}: {reason[0] if reason else ''}); retrain, or evaluate without this run") from e
+    saved = (meta or {}).get("checksums")
+    if saved:  # Snapshots saved before checksums were recorded are taken as they are.
+      now = array_checksums(variables)
+      bad = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+      if bad:
+        raise CheckpointError(
+            f"snapshot at step {step} ({self.snapshot_path(step)}) is corrupt: {len(bad)} array(s) differ from "
+            f"the checksums recorded when it was saved (first: {bad[0]}); retrain, or evaluate without this run")
     return variables, meta
 
   def wait(self) -> None:
@@ -92,6 +104,19 @@ class RunCheckpoints:
     self._snaps.close()
     if self._state is not None:
       self._state.close()
+
+
+def array_checksums(tree: Any) -> dict[str, str]:
+  """CRC32 of every array's bytes, keyed by its path (orbax/TensorStore do not checksum array data)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      if not leaf.is_fully_replicated:
+        continue  # Only replicated arrays have a copy on every host to check.
+      leaf = leaf.addressable_data(0)
+    array = np.ascontiguousarray(np.asarray(leaf))
+    out[jax.tree_util.keystr(path)] = f"{zlib.crc32(array.view(np.uint8).reshape(-1)):08x}"
+  return out
 
 
 def read_config(workdir: str) -> dict[str, Any] | None:

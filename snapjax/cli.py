@@ -1,6 +1,7 @@
 """Shared command-line plumbing: one-line errors with exit code 2, optional multi-host start-up."""
 import logging as py_logging
 import os
+import re
 import sys
 from typing import Callable
 
@@ -33,18 +34,58 @@ def fail(message: str) -> None:
   sys.exit(EXIT_USAGE)
 
 
-# What loading a config file or applying a --config.<field> override can raise.
-_CONFIG_ERRORS = (OSError, AttributeError, KeyError, TypeError, ValueError, SyntaxError, ImportError, NameError)
+_REQUIRED = re.compile(r"Flag --(\w+) must have a value other than None")
+_BAD_VALUE = re.compile(r"^flag (--[\w.]+=.*?): (.*)$", re.S)
+_MISSING = re.compile(r"^Missing value for flag (--[\w.]+)$")
+_EXPECTED = (("invalid literal for int()", "expected an integer"),
+             ("could not convert string to float", "expected a number"),
+             ("Non-boolean argument", "expected true or false"))
 
 
-def _one_line(e: BaseException) -> str:
-  lines = [l.strip() for l in str(e).strip("'\"").splitlines() if l.strip()]
-  reason = lines[-1] if lines else type(e).__name__
-  if isinstance(e, KeyError) or (isinstance(e, AttributeError) and "get_config" not in reason):
-    reason = f"unknown config field {reason}"
-  elif isinstance(e, AttributeError):
-    reason = "the config file does not define get_config()"
-  return reason
+def _flag_in_argv(argv: list[str], name: str) -> str | None:
+  """The value of --name in argv (either --name=V or --name V), for messages."""
+  for i, a in enumerate(argv):
+    if a.startswith(f"--{name}="):
+      return a.split("=", 1)[1]
+    if a == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _flag_error(e: Exception) -> str:
+  """One line for an absl flag error: a missing required flag, or an override of the wrong type."""
+  from absl import flags
+  text = " ".join(str(e).split())
+  if m := _REQUIRED.search(text):
+    name = m.group(1)
+    return f"--{name} is required: {flags.FLAGS[name].help.split(';')[0].rstrip('.')}"
+  if m := _MISSING.match(text):
+    return f"{m.group(1)}: missing value; write {m.group(1)}=VALUE"
+  if m := _BAD_VALUE.match(text):
+    reason = next((want for cue, want in _EXPECTED if cue in m.group(2)), m.group(2))
+    return f"{m.group(1)}: {reason}"
+  return text
+
+
+def _config_error(e: BaseException, filename: str | None) -> str:
+  """One line for an error raised while loading a config file or applying a --config.<field> override."""
+  from snapjax import config as config_lib
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  cause = e.args[0] if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError) else e
+  if isinstance(cause, KeyError):
+    field = str(cause.args[0] if cause.args else cause).strip("'\"")
+    known = ", ".join(sorted(config_lib.base_config().keys()))
+    return f"--config.{field}: unknown config field {field!r}; known fields: {known}"
+  if isinstance(e, OSError) and "No such file" in str(e):
+    return (f"--config={filename}: no such config file; pass a file that defines get_config(), "
+            f"such as configs/quickstart.py")
+  if isinstance(e, AttributeError) and "get_config" in str(e):
+    return (f"--config={filename} does not define get_config(); a config file defines get_config() "
+            f"returning an ml_collections.ConfigDict (see configs/quickstart.py)")
+  if isinstance(e, SyntaxError):
+    return f"--config={filename}: syntax error at line {e.lineno}: {e.msg}"
+  reason = lines[-1] if lines else ""
+  return f"--config={filename}: loading it raised {type(e).__name__}: {reason}"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -53,9 +94,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(str(e))
-  except _CONFIG_ERRORS as e:
-    fail(f"bad --config: {_one_line(e)}")
+    fail(_flag_error(e))
+  except Exception as e:  # pylint: disable=broad-except  # The config file is user code: any error is the user's.
+    fail(_config_error(e, _flag_in_argv(argv, "config")))
 
 
 def config_from_flag(name: str = "config"):
@@ -65,8 +106,10 @@ def config_from_flag(name: str = "config"):
     config = getattr(flags.FLAGS, name)
     if config is not None:
       config.keys()  # The file is loaded, and overrides applied, on first use.
-  except (*_CONFIG_ERRORS, flags.Error) as e:
-    fail(f"--{name}={flags.FLAGS[name].config_filename!r}: {_one_line(e)}")
+  except flags.Error as e:
+    fail(_flag_error(e))
+  except Exception as e:  # pylint: disable=broad-except
+    fail(_config_error(e, flags.FLAGS[name].config_filename))
   if config is None:
     fail(f"--{name} is required: a config file such as configs/quickstart.py")
   return config

@@ -170,7 +170,7 @@ _FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}
 _FASHION_MNIST_HELP = (
     "install them with `apt-get install dataset-fashion-mnist` (puts them in "
     "/usr/share/datasets/fashion-mnist), or download the four files from the Fashion-MNIST project "
-    "into a directory and pass --config.fashion_mnist_dir=DIR")
+    "into a directory and pass --config.fashion_mnist_dir=DIR (train.py) or --fashion_mnist_dir=DIR (eval.py)")
 
 
 def _find_idx(directory: str, stem: str) -> str:

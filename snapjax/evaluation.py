@@ -30,7 +30,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   saved = checkpoints.read_config(workdir)
   if saved is None:
     raise CheckpointError(f"{workdir!r} is not a snapjax run: {os.path.join(workdir, checkpoints.CONFIG_FILE)} "
-                          f"does not exist")
+                          f"does not exist; pass the --workdir of a train.py run")
   return ml_collections.ConfigDict(saved)
 
 
@@ -86,6 +86,8 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   """Score each snapshot and every last-m ensemble; write report.json, report.md and a PNG plot."""
   if not workdirs:
     raise ConfigError("--workdir is required (give it several times to ensemble several runs)")
+  if eval_batch_size is not None and (isinstance(eval_batch_size, bool) or eval_batch_size < 1):
+    raise ConfigError(f"eval_batch_size={eval_batch_size!r}; allowed: an integer >= 1 (or unset: the run's own)")
   configs = [load_run_config(wd) for wd in workdirs]
   check_compatible(configs, workdirs)
   config = configs[0]
@@ -105,6 +107,13 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     ckpt.close()
   if last_m is not None and (isinstance(last_m, bool) or not 1 <= last_m <= max(num_snaps, 1)):
     raise ConfigError(f"last_m={last_m} is out of range; allowed: 1..{num_snaps} (the number of snapshots)")
+  # The test data next (a missing file is a user error), still before restoring or compiling anything.
+  if spec.in_memory:
+    test_arrays = training.load_split(config, spec, spec.eval_split)
+  else:  # Opening the stream checks that the TFDS data is prepared; batches are streamed later.
+    test_arrays = None
+    data.make_stream(spec, spec.eval_split, batch_size_per_host=1, data_dir=config.data_dir or None,
+                     train=False, seed=0, image_size=config.image_size)
   members = restore_members(workdirs, model, input_shape, mesh)
   num = len(members)
   last_m = last_m or num
@@ -115,7 +124,7 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   apply_fn = _apply_fn(model, compute_dtype)
   batch_size = eval_batch_size or config.eval_batch_size
   member_tot, ens_tot, head_tot = np.zeros((num, 3)), np.zeros((num, 3)), np.zeros(3)
-  for x, y, mask in training.iter_test_batches(config, spec, mesh, batch_size):
+  for x, y, mask in training.iter_test_batches(config, spec, mesh, batch_size, test_arrays):
     mean_BxC, members_MxBxC = ensemble.ensemble_predict(apply_fn, stacked, x, last_m=num, return_members=True)
     head = ensemble.ensemble_predict(apply_fn, stacked, x, last_m=last_m) if last_m != num else mean_BxC
     per_member, per_m = _member_and_ensemble_counts(members_MxBxC, y, mask)

@@ -55,12 +55,19 @@ def make_plan(config: ml_collections.ConfigDict, num_train: int) -> Plan:
         f"allowed: at most {num_train}")
   try:
     total = schedules.steps_for_epochs(config.num_epochs, steps_per_epoch)
+    if config.num_cycles > total:
+      raise ConfigError(
+          f"num_cycles={config.num_cycles} is more than the {total} updates of num_epochs={config.num_epochs} "
+          f"at {steps_per_epoch} steps/epoch (every cycle needs at least one update); allowed: 1..{total}, "
+          f"or raise num_epochs")
     if config.schedule == "cosine_cycles":
       snaps = schedules.snapshot_steps(total, config.num_cycles)
       schedules.snapshot_schedule(config.init_lr, total, config.num_cycles)
     else:
       snaps = schedules.nocycle_snapshot_steps(total, config.num_cycles)
       schedules.step_schedule(config.init_lr, total)
+  except ConfigError:
+    raise
   except ValueError as e:
     raise ConfigError(
         f"num_epochs={config.num_epochs} ({steps_per_epoch} steps/epoch) and num_cycles={config.num_cycles} "
@@ -236,22 +243,32 @@ def load_split(config: ml_collections.ConfigDict, spec: data.DatasetSpec, split:
                           tiny_imagenet_dir=config.tiny_imagenet_dir or None)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train a Snapshot Ensemble (resuming from workdir if it holds this run), save and score snapshots."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False) -> dict[str, Any]:
+  """Train a Snapshot Ensemble (resuming from workdir if it holds this run), save and score snapshots.
+
+  Every check of the user's input (config, workdir, data) runs before anything is written or compiled;
+  fresh=True moves an existing run aside (after those checks) instead of refusing a different config.
+  """
   num_devices = jax.device_count()
   config_lib.validate(config, num_devices)
   config_dict = config_lib.to_dict(config)
-  _check_workdir(workdir, config_dict)
+  if not fresh:
+    _check_workdir(workdir, config_dict)
   spec = data.get_spec(config.dataset)
   model = make_model(config, spec.num_classes)
 
   # Data (host side, before any compilation: a missing file is a user error, not a crash).
   train_arrays = load_split(config, spec, spec.train_split) if spec.in_memory else None
   test_images, test_labels = load_split(config, spec, spec.eval_split) if spec.in_memory else (None, None)
+  if not spec.in_memory:  # Opening the test stream checks that the TFDS data is prepared.
+    data.make_stream(spec, spec.eval_split, batch_size_per_host=1, data_dir=config.data_dir or None,
+                     train=False, seed=0, image_size=config.image_size)
   num_train = len(train_arrays[1]) if train_arrays is not None else spec.num_train
   plan = make_plan(config, num_train)
   schedule = make_schedule(config, plan)
   tx = make_optimizer(config, schedule)
+  if fresh:
+    _start_fresh(workdir)
   checkpoints.write_config(workdir, config_dict)
 
   mesh = make_mesh()
@@ -442,18 +459,21 @@ def move_run_aside(workdir: str) -> str | None:
   return dest
 
 
+def _start_fresh(workdir: str) -> None:
+  """Move an existing run aside (process 0) and wait for every process, for --fresh."""
+  moved = move_run_aside(workdir)
+  if moved:
+    logging.warning("Moved the previous run in %s to %s", workdir, moved)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("snapjax_fresh")
+
+
 def main(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False) -> dict[str, Any]:
   """Entry point of train.py: validate, optionally move an old run aside, train, report."""
   config_lib.validate(config, jax.device_count())
-  if fresh:
-    moved = move_run_aside(workdir)
-    if moved:
-      logging.warning("Moved the previous run in %s to %s", workdir, moved)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("snapjax_fresh")
   try:
-    return train_and_evaluate(config, workdir)
+    return train_and_evaluate(config, workdir, fresh=fresh)
   except TrainingDiverged as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None

@@ -1,0 +1,318 @@
+"""Bad input to train.py and eval.py: one `error:` line, exit code 2, no compilation, nothing in the workdir changed."""
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from snapjax import training
+
+from helpers import make_tiny_fashion_mnist, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join("tests", "configs", "tiny.py")
+# What JAX 0.10.2 logs for every program it compiles (or fetches from the cache) under JAX_LOG_COMPILES=1.
+COMPILE_MARKERS = ("Compiling ", "Finished XLA compilation")
+TIMEOUT = 180  # Seconds; a run that hangs (e.g. on a network call) fails the test instead of blocking CI.
+
+
+def _env() -> dict[str, str]:
+  env = dict(os.environ)
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1", JAX_LOG_COMPILES="1", CUDA_VISIBLE_DEVICES="",
+             NO_GCE_CHECK="true")
+  return env
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+  """Run train.py / eval.py in a subprocess (killed at TIMEOUT), with compile logging on."""
+  return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=TIMEOUT)
+
+
+def _assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+  """Exit code 2, a last stderr line `error: ...` naming every needle, no traceback, nothing compiled."""
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert lines and lines[-1].startswith("error: "), proc.stderr[-3000:]
+  for needle in needles:
+    assert needle in lines[-1], (needle, lines[-1])
+  compiled = [l for l in lines if any(m in l for m in COMPILE_MARKERS)]
+  assert not compiled, compiled[:3]
+  return lines[-1]
+
+
+def _tree_hashes(directory: str) -> dict[str, str]:
+  """sha256 of every file under directory, keyed by relative path."""
+  out = {}
+  for dirpath, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _array_file(workdir: str, step: int) -> str:
+  """The largest array-data file orbax (OCDBT over zarr) wrote for a snapshot: variables/**/d/<hash>."""
+  files = [p for p in glob.glob(os.path.join(workdir, "snapshots", str(step), "variables", "**", "d", "*"),
+                                recursive=True) if os.path.isfile(p)]
+  assert files, f"no OCDBT data files under {workdir}/snapshots/{step}/variables"
+  return max(files, key=os.path.getsize)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+  return make_tiny_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  training.train_and_evaluate(tiny_config(tiny_data), workdir)
+  return workdir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+  """A private copy of the trained run and the hashes of its files."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  return workdir, _tree_hashes(workdir)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+_CONFIG_CASES = [
+    (["--config.model=foo"], ["model='foo'", "allowed:", "resnet8", "resnet110", "densenet40"]),
+    (["--config.dataset=foo"], ["dataset='foo'", "allowed:", "cifar10", "fashion_mnist", "tiny_imagenet"]),
+    (["--config.num_cycles=0"], ["num_cycles", ">= 1", "got 0"]),
+    # 512 examples / batch 32 = 16 steps per epoch, 4 epochs: 64 updates.
+    (["--config.num_cycles=65"], ["num_cycles=65", "64 updates", "allowed: 1..64"]),
+    (["--config.init_lr=0"], ["init_lr", "> 0", "got 0.0"]),
+    (["--config.init_lr=-0.1"], ["init_lr", "> 0", "got -0.1"]),
+    (["--config.num_epochs=0"], ["num_epochs", "> 0", "got 0.0"]),
+    (["--config.num_epochs=-1"], ["num_epochs", "> 0", "got -1.0"]),
+    (["--config.batch_size=0"], ["batch_size", ">= 1", "got 0"]),
+    (["--config.batch_size=-32"], ["batch_size", ">= 1", "got -32"]),
+    (["--config.batch_size=30"], ["batch_size=30", "device count 4", "multiple of 4"]),
+    (["--config.foo=1"], ["--config.foo", "unknown config field 'foo'", "known fields:", "num_cycles"]),
+    (["--config.num_cycles=abc"], ["--config.num_cycles=abc", "expected an integer"]),
+    (["--config.init_lr=fast"], ["--config.init_lr=fast", "expected a number"]),
+    (["--config.nesterov=maybe"], ["--config.nesterov=maybe", "expected true or false"]),
+    (["--config.schedule=linear"], ["schedule='linear'", "cosine_cycles", "step"]),
+    (["unexpected"], ["unexpected arguments", "--config.<field>=<value>"]),
+]
+
+
+@pytest.mark.parametrize("overrides,needles", _CONFIG_CASES, ids=[c[0][0] for c in _CONFIG_CASES])
+def test_bad_config_field(overrides, needles, tiny_data, tmp_path):
+  workdir = tmp_path / "new_run"
+  proc = _run("train.py", "--config", TINY, f"--config.fashion_mnist_dir={tiny_data}", "--workdir", str(workdir),
+              *overrides)
+  _assert_usage_error(proc, *needles)
+  assert not workdir.exists()  # Nothing was written.
+
+
+def _config_file(tmp_path, name, text):
+  path = tmp_path / name
+  path.write_text(text)
+  return str(path)
+
+
+@pytest.mark.parametrize("case", ["missing", "no_get_config", "syntax_error", "raises", "no_config", "no_workdir"])
+def test_bad_config_file_or_missing_flag(case, tmp_path):
+  workdir = str(tmp_path / "new_run")
+  args, needles = {
+      "missing": (["--config", str(tmp_path / "nope.py"), "--workdir", workdir],
+                  [f"--config={tmp_path / 'nope.py'}", "no such config file", "configs/quickstart.py"]),
+      "no_get_config": (["--config", _config_file(tmp_path, "c.py", "x = 1\n"), "--workdir", workdir],
+                        ["c.py", "does not define get_config()", "ml_collections.ConfigDict"]),
+      "syntax_error": (["--config", _config_file(tmp_path, "s.py", "def get_config(:\n"), "--workdir", workdir],
+                       ["s.py", "syntax error at line 1"]),
+      "raises": (["--config", _config_file(tmp_path, "r.py", "def get_config():\n  return 1 / 0\n"),
+                  "--workdir", workdir], ["r.py", "ZeroDivisionError"]),
+      "no_config": (["--workdir", workdir], ["--config is required"]),
+      "no_workdir": (["--config", TINY], ["--workdir is required"]),
+  }[case]
+  _assert_usage_error(_run("train.py", *args), *needles)
+  assert not os.path.exists(workdir)
+
+
+# ---------------------------------------------------------------------------------------------- workdir
+
+def test_workdir_of_another_config_is_refused(run_copy, tiny_data):
+  workdir, before = run_copy
+  proc = _run("train.py", "--config", TINY, f"--config.fashion_mnist_dir={tiny_data}", "--workdir", workdir,
+              "--config.init_lr=0.05")
+  _assert_usage_error(proc, "different config", "init_lr: 0.1 -> 0.05", "--fresh", workdir)
+  assert _tree_hashes(workdir) == before
+
+
+def test_fresh_with_bad_data_moves_nothing(run_copy, tmp_path):
+  workdir, before = run_copy
+  missing = str(tmp_path / "no_data")
+  proc = _run("train.py", "--config", TINY, f"--config.fashion_mnist_dir={missing}", "--workdir", workdir,
+              "--config.init_lr=0.05", "--fresh")
+  _assert_usage_error(proc, "Fashion-MNIST", missing)
+  assert _tree_hashes(workdir) == before  # The old run was not moved aside for a run that cannot start.
+
+
+@pytest.mark.slow
+def test_fresh_moves_the_old_run_aside_and_trains(run_copy, tiny_data):
+  workdir, before = run_copy
+  proc = _run("train.py", "--config", TINY, f"--config.fashion_mnist_dir={tiny_data}", "--workdir", workdir,
+              "--config.num_epochs=1", "--fresh")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  moved = glob.glob(os.path.join(workdir, "previous-*"))
+  assert len(moved) == 1
+  # Every file of the old run, byte for byte, now under previous-<time>/.
+  assert _tree_hashes(moved[0]) == before
+  assert os.path.isdir(os.path.join(moved[0], "snapshots", "32")) and os.path.isdir(
+      os.path.join(moved[0], "snapshots", "64"))
+  # The new run: 1 epoch = 16 steps, 2 cycles, snapshots at 8 and 16, and its own config.json.
+  assert sorted(os.listdir(os.path.join(workdir, "snapshots"))) == ["16", "8"]
+  assert json.load(open(os.path.join(workdir, "config.json")))["num_epochs"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def test_missing_fashion_mnist_dir(run_copy, tmp_path):
+  workdir, before = run_copy
+  missing = str(tmp_path / "no_data")
+  proc = _run("train.py", "--config", TINY, f"--config.fashion_mnist_dir={missing}", "--workdir", workdir)
+  _assert_usage_error(proc, missing, "train-images-idx3-ubyte", "apt-get install dataset-fashion-mnist",
+                      "--config.fashion_mnist_dir=DIR")
+  assert _tree_hashes(workdir) == before
+  proc = _run("eval.py", "--workdir", workdir, f"--fashion_mnist_dir={missing}")
+  _assert_usage_error(proc, missing, "t10k-images-idx3-ubyte", "--fashion_mnist_dir=DIR")
+  assert _tree_hashes(workdir) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "removed"])
+def test_damaged_fashion_mnist_file(damage, run_copy, tiny_data, tmp_path):
+  workdir, before = run_copy
+  data_dir = str(tmp_path / "data")
+  shutil.copytree(tiny_data, data_dir)
+  path = os.path.join(data_dir, "train-images-idx3-ubyte.gz")
+  if damage == "truncated":
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  else:
+    os.remove(path)
+  proc = _run("train.py", "--config", TINY, f"--config.fashion_mnist_dir={data_dir}", "--workdir", workdir)
+  needles = {"truncated": [path, "truncated"], "removed": ["not found", path, "apt-get install"]}[damage]
+  _assert_usage_error(proc, *needles)
+  assert _tree_hashes(workdir) == before
+
+
+@pytest.mark.parametrize("dataset,model", [("cifar10", "resnet8"), ("imagenet2012", "resnet50")])
+def test_tfds_dataset_not_prepared_offline(dataset, model, tmp_path):
+  empty = tmp_path / "tfds"
+  empty.mkdir()
+  workdir = tmp_path / "new_run"
+  proc = _run("train.py", "--config", TINY, f"--config.dataset={dataset}", f"--config.model={model}",
+              f"--config.data_dir={empty}", "--workdir", str(workdir))
+  _assert_usage_error(proc, dataset, "not prepared", str(empty), f"tfds build {dataset}")
+  assert not workdir.exists()
+  assert os.listdir(empty) == []
+
+
+# ---------------------------------------------------------------------------------------------- eval.py
+
+def test_eval_compiles_on_good_input(run_copy):
+  """Control for the no-compilation checks: the compile log shows up when eval.py does run."""
+  workdir, _ = run_copy
+  proc = _run("eval.py", "--workdir", workdir, "--last_m=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert any(m in proc.stderr for m in COMPILE_MARKERS)
+  assert os.path.exists(os.path.join(workdir, "eval", "report.json"))
+
+
+def test_eval_not_a_run(tmp_path):
+  missing = str(tmp_path / "nowhere")
+  _assert_usage_error(_run("eval.py", "--workdir", missing), "not a snapjax run", f"{missing}/config.json",
+                      "train.py")
+  (tmp_path / "empty").mkdir()
+  _assert_usage_error(_run("eval.py", "--workdir", str(tmp_path / "empty")), "not a snapjax run")
+  assert os.listdir(tmp_path / "empty") == []
+
+
+@pytest.mark.parametrize("layout", ["no_snapshot_dir", "empty_snapshot_dir"])
+def test_eval_run_without_snapshots(layout, trained, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  shutil.copy(os.path.join(trained, "config.json"), workdir)
+  if layout == "empty_snapshot_dir":
+    (workdir / "snapshots").mkdir()
+  before = _tree_hashes(str(workdir))
+  _assert_usage_error(_run("eval.py", "--workdir", str(workdir)), "no snapshots", str(workdir), "train first")
+  assert _tree_hashes(str(workdir)) == before
+
+
+@pytest.mark.parametrize("damage,step,reason", [
+    ("truncated", 32, "is corrupt or truncated"),  # TensorStore cannot read it.
+    ("flipped", 64, "differ from the checksums recorded when it was saved"),  # Readable: only a checksum tells.
+])
+def test_eval_corrupt_snapshot(damage, step, reason, run_copy):
+  workdir, _ = run_copy
+  path = _array_file(workdir, step)
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    if damage == "truncated":
+      f.truncate(size // 3)
+    else:  # Invert 16 bytes inside the (incompressible, stored raw) float data; same size.
+      f.seek(size // 4)
+      flipped = bytes(b ^ 0xFF for b in f.read(16))
+      f.seek(size // 4)
+      f.write(flipped)
+  before = _tree_hashes(workdir)
+  line = _assert_usage_error(_run("eval.py", "--workdir", workdir), f"snapshot at step {step}",
+                             os.path.join(workdir, "snapshots", str(step)), reason)
+  assert len(line) < 600
+  assert _tree_hashes(workdir) == before  # No eval/ report written.
+
+
+@pytest.mark.parametrize("field,value,shown", [("model", "resnet20", "model: 'resnet8' vs 'resnet20'"),
+                                               ("dataset", "cifar100", "dataset: 'fashion_mnist' vs 'cifar100'")])
+def test_eval_incompatible_runs(field, value, shown, run_copy, trained, tmp_path):
+  workdir, before = run_copy
+  other = str(tmp_path / "other")
+  shutil.copytree(trained, other)
+  path = os.path.join(other, "config.json")
+  saved = json.load(open(path))
+  saved[field] = value
+  json.dump(saved, open(path, "w"))
+  proc = _run("eval.py", "--workdir", workdir, "--workdir", other)
+  _assert_usage_error(proc, "cannot be ensembled", workdir, other, shown)
+  assert _tree_hashes(workdir) == before
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--last_m=0"], ["last_m=0", "allowed: 1..2"]),
+    (["--last_m=3"], ["last_m=3", "allowed: 1..2"]),
+    (["--last_m=x"], ["--last_m=x", "expected an integer"]),
+    (["--eval_batch_size=0"], ["eval_batch_size=0", ">= 1"]),
+    (["extra"], ["unexpected arguments"]),
+], ids=["last_m=0", "last_m=3", "last_m=x", "eval_batch_size=0", "extra"])
+def test_eval_bad_flags(flags, needles, run_copy):
+  workdir, before = run_copy
+  _assert_usage_error(_run("eval.py", "--workdir", workdir, *flags), *needles)
+  assert _tree_hashes(workdir) == before
+
+
+def test_eval_last_m_counts_snapshots_of_every_run(run_copy, trained, tmp_path):
+  workdir, before = run_copy
+  other = str(tmp_path / "other")
+  shutil.copytree(trained, other)
+  # Two runs of two snapshots each: 4 snapshots, so 5 is one too many.
+  proc = _run("eval.py", "--workdir", workdir, "--workdir", other, "--last_m=5")
+  _assert_usage_error(proc, "last_m=5", "allowed: 1..4")
+  assert _tree_hashes(workdir) == before
