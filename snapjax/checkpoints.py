@@ -20,9 +20,11 @@ MUTABLE_FIELDS = frozenset({
 
 
 def _manager(path: str, *, max_to_keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
+  # A writer removes the <step>.orbax-checkpoint-tmp directories of saves cut by a kill (a reader leaves
+  # them: they may be the in-flight saves of a run still training).
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=not read_only)
+      enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(os.path.abspath(path), options=options)
 
 

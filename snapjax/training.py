@@ -363,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
           return {"preempted": True, "step": done, "snapshot_scores": scores}
       if pending is not None:
         _check_finite(pending, ckpt, window)
-    ckpt.wait()
+      ckpt.wait()  # Still under the SIGTERM handler: a notice now cannot cut the final saves.
     return {"preempted": False, "step": plan.total_steps, "snapshot_steps": list(plan.snapshot_steps),
             "snapshot_scores": scores}
   finally:
@@ -419,12 +419,14 @@ def _check_finite(pending, ckpt: checkpoints.RunCheckpoints, window: _Window) ->
   step, metrics = pending
   m = jax.device_get(metrics)
   if not bool(m["finite"]):
+    ckpt.wait()  # Saves in flight (all of good steps) commit first, so the message names what is on disk.
     saved = ckpt.snapshot_steps()
     last = f"step {saved[-1]} ({ckpt.snapshot_path(saved[-1])})" if saved else "none"
-    ckpt.wait()
+    state_step = ckpt.latest_state_step()
     raise TrainingDiverged(
         f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-        f"grad_norm={float(m['grad_norm'])}, lr={float(m['lr']):.6g}); last good snapshot: {last}")
+        f"grad_norm={float(m['grad_norm'])}, lr={float(m['lr']):.6g}); last good snapshot: {last}; "
+        f"train state kept at step {state_step if state_step is not None else 'none'}")
 
 
 def _log_progress(writer, step: int, metrics, plan: Plan, batch_size: int, window: _Window) -> None:
