@@ -195,13 +195,32 @@ def evaluate(eval_fn, variables, batches) -> dict[str, float]:
 
 
 class _Preemption:
-  """Turns SIGTERM (the preemption notice on Cloud TPU / spot VMs) into a flag the loop polls."""
+  """Turns a preemption notice (SIGTERM on Cloud TPU / spot VMs) into a stop every host takes at the same step.
 
-  def __init__(self):
+  One process: a SIGTERM handler sets a flag the loop polls. Several processes: JAX's distributed runtime
+  catches SIGTERM itself and its preemption sync manager picks one step for every host
+  (multihost_utils.reached_preemption_sync_point, called at every step). A Python handler would replace the
+  runtime's and a host stopping alone hangs the others in their next collective, so none is installed then.
+  If the runtime's service is off (jax_enable_preemption_service=False), each host keeps its own flag and the
+  hosts agree every AGREE_EVERY steps with an allgather of the flags.
+  """
+  AGREE_EVERY = 10
+
+  def __init__(self, start: int = 0):
     self.requested = False
+    self._start = start
     self._previous = None
+    self._sync_manager = False
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      try:  # Registers the start step, so a notice that arrives before the first step picks a later one.
+        self.requested = multihost_utils.reached_preemption_sync_point(self._start)
+        self._sync_manager = True
+        return self
+      except RuntimeError:  # The preemption service is disabled: fall back to flags and an allgather.
+        pass
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread: no handler, the loop never sees a request.
@@ -217,11 +236,14 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      # All hosts must agree on the step; JAX's distributed runtime relays the notice.
-      from jax.experimental import multihost_utils
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    if self._sync_manager:
       return self.requested or multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    if step % self.AGREE_EVERY:
+      return False
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
 def _check_workdir(workdir: str, config_dict: dict[str, Any]) -> None:
@@ -324,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     scores = []
     pending = None  # (step, metrics) of the previous step, pulled after the next step is dispatched.
     window = _Window(time.time(), start)
-    with _Preemption() as preemption:
+    with _Preemption(start) as preemption:
       for step in range(start, plan.total_steps):
         state, metrics = train_step(state, *next_inputs())
         done = step + 1

@@ -1,0 +1,129 @@
+"""train.py with test probes, for the subprocess tests in test_multihost.py: same flags as train.py.
+
+Probes, set by environment variables (all optional):
+  SNAPJAX_WORKER_REPORT=path   write a JSON report (per process: path + ".<process index>") at exit: the rows of
+                               each training array this process materialised, its addressable shards, the result.
+  SNAPJAX_WORKER_STOP_AT=k     preempt at step k (as the in-process tests do by patching _Preemption.should_stop).
+  SNAPJAX_WORKER_SIGTERM_AT=k:i send SIGTERM to process i itself at step k (a real preemption notice, one host).
+  SNAPJAX_WORKER_AGREE_EVERY=n  hosts compare their preemption flags every n steps (when the JAX service is off).
+  SNAPJAX_WORKER_RESTORED=path save the restored train state (this process's copy) to path + ".npz".
+  SNAPJAX_WORKER_SAVED=path    save each train state passed to save_state to path + ".<step>.npz".
+"""
+import json
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from absl import app  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import train  # noqa: E402
+from snapjax import checkpoints, cli, training  # noqa: E402
+
+_records: list[dict] = []
+_result: dict = {}
+
+
+def _install_probes() -> None:
+  """Spy on the host->device placement of the training arrays, and optionally on preemption and restore."""
+  original_callback = jax.make_array_from_callback
+
+  def make_array_from_callback(shape, sharding, callback, *args, **kwargs):
+    rows = []
+
+    def spy(index):
+      rows.append(index[0].indices(shape[0])[:2])
+      return callback(index)
+
+    out = original_callback(shape, sharding, spy, *args, **kwargs)
+    _records.append({
+        "shape": list(shape), "rows": sorted(rows),
+        "addressable_rows": sorted(s.index[0].indices(shape[0])[:2] for s in out.addressable_shards),
+        "addressable_devices": sorted(s.device.id for s in out.addressable_shards),
+        "fully_addressable": out.is_fully_addressable})
+    return out
+
+  jax.make_array_from_callback = make_array_from_callback
+
+  stop_at = os.environ.get("SNAPJAX_WORKER_STOP_AT")
+  if stop_at:
+    training._Preemption.should_stop = lambda self, step: step == int(stop_at)
+
+  sigterm_at = os.environ.get("SNAPJAX_WORKER_SIGTERM_AT")
+  if sigterm_at:
+    step_k, process_i = map(int, sigterm_at.split(":"))
+    original_should_stop = training._Preemption.should_stop
+
+    def should_stop(self, step):
+      if step == step_k and jax.process_index() == process_i:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return original_should_stop(self, step)
+
+    training._Preemption.should_stop = should_stop
+
+  agree_every = os.environ.get("SNAPJAX_WORKER_AGREE_EVERY")
+  if agree_every:
+    training._Preemption.AGREE_EVERY = int(agree_every)
+
+  restored_path = os.environ.get("SNAPJAX_WORKER_RESTORED")
+  if restored_path:
+    original_restore = checkpoints.RunCheckpoints.restore_state
+
+    def restore_state(self, step, abstract_state):
+      state = original_restore(self, step, abstract_state)
+      _dump(restored_path, state)
+      return state
+
+    checkpoints.RunCheckpoints.restore_state = restore_state
+
+  saved_path = os.environ.get("SNAPJAX_WORKER_SAVED")
+  if saved_path:
+    original_save = checkpoints.RunCheckpoints.save_state
+
+    def save_state(self, step, state):
+      _dump(f"{saved_path}.{step}", state)
+      return original_save(self, step, state)
+
+    checkpoints.RunCheckpoints.save_state = save_state
+
+  original_main = training.main
+
+  def main(*args, **kwargs):
+    _result.update(original_main(*args, **kwargs))
+    return _result
+
+  training.main = main
+
+
+def _dump(path: str, state) -> None:
+  """This process's copy of a replicated pytree, as path.npz keyed by the leaves' key paths."""
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v.addressable_data(0)) for k, v in leaves})
+
+
+def _write_report() -> None:
+  path = os.environ.get("SNAPJAX_WORKER_REPORT")
+  if not path:
+    return
+  report = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+            "device_ids": [d.id for d in jax.devices()], "local_device_ids": [d.id for d in jax.local_devices()],
+            "mesh_device_ids": [d.id for d in training.make_mesh().devices.flat],
+            "arrays": _records, "result": _result}
+  with open(f"{path}.{jax.process_index()}", "w") as f:
+    json.dump(report, f)
+
+
+def main(argv):
+  try:
+    train.main(argv)
+  finally:
+    _write_report()
+
+
+if __name__ == "__main__":
+  _install_probes()
+  cli.run_guarded(lambda: app.run(main, flags_parser=cli.parse_flags))
