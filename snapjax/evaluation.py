@@ -40,6 +40,10 @@ def check_compatible(configs: list[ml_collections.ConfigDict], workdirs: list[st
     diff = [k for k in _SAME_ACROSS_RUNS if cfg.get(k) != configs[0].get(k)]
     if diff:
       shown = ", ".join(f"{k}: {configs[0].get(k)!r} vs {cfg.get(k)!r}" for k in diff)
+      if "dataset" in diff:
+        classes = [data.DATASETS[c.dataset].num_classes if c.dataset in data.DATASETS else "?"
+                   for c in (configs[0], cfg)]
+        shown += f" ({classes[0]} vs {classes[1]} classes)"
       raise CheckpointError(f"runs {workdirs[0]!r} and {wd!r} cannot be ensembled together ({shown})")
 
 

@@ -39,6 +39,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 def _assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
   """Exit code 2, a last stderr line `error: ...` naming every needle, no traceback, nothing compiled."""
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  print(f"exit code {proc.returncode}: {lines[-1] if lines else '<no stderr>'}")  # Shown by pytest -rP.
   assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert lines and lines[-1].startswith("error: "), proc.stderr[-3000:]
@@ -281,7 +282,8 @@ def test_eval_corrupt_snapshot(damage, step, reason, run_copy):
 
 
 @pytest.mark.parametrize("field,value,shown", [("model", "resnet20", "model: 'resnet8' vs 'resnet20'"),
-                                               ("dataset", "cifar100", "dataset: 'fashion_mnist' vs 'cifar100'")])
+                                               ("dataset", "cifar100",
+                                                "dataset: 'fashion_mnist' vs 'cifar100' (10 vs 100 classes)")])
 def test_eval_incompatible_runs(field, value, shown, run_copy, trained, tmp_path):
   workdir, before = run_copy
   other = str(tmp_path / "other")
