@@ -122,15 +122,22 @@ def array_checksums(tree: Any) -> dict[str, str]:
 
 
 def read_config(workdir: str) -> dict[str, Any] | None:
-  """The config a workdir was trained with, or None if it has none."""
+  """The config a workdir was trained with, or None if it has none.
+
+  Fields added to snapjax after the run was made take their defaults, which keep the old behaviour.
+  """
+  from snapjax import config as config_lib
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return None
   try:
     with open(path) as f:
-      return json.load(f)
+      saved = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{path} is unreadable ({e}); it records the run's config") from e
+  if not isinstance(saved, dict):
+    raise CheckpointError(f"{path} does not hold a config (a JSON object); it records the run's config")
+  return {**config_lib.base_config().to_dict(), **saved}
 
 
 def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -17,6 +17,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_dir = ""  # TFDS data_dir (local path or gs:// bucket); "" = TFDS default (~/tensorflow_datasets).
   c.fashion_mnist_dir = "/usr/share/datasets/fashion-mnist"  # Raw IDX files (Debian dataset-fashion-mnist).
   c.tiny_imagenet_dir = ""  # Extracted tiny-imagenet-200/ folder (image-folder layout).
+  c.train_split = ""  # Training split in TFDS syntax, e.g. "train[:10000]" for a subset; "" = the dataset's own.
+  c.augment = ""  # Training augmentation: "crop_flip", "none", or "" for the dataset's own (paper: crop+flip, SVHN none).
   c.num_epochs = 200.0  # Training budget B in epochs; the loop converts it to update steps once.
   c.num_cycles = 5  # M: cosine cycles (= snapshots); with schedule="step", the number of equally spaced snapshots.
   c.init_lr = 0.2  # alpha0, the learning rate at the start of every cycle.
@@ -79,6 +81,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"model={config.model!r} is not known; allowed: {', '.join(models.names())}")
   if config.dataset not in data.DATASETS:
     raise ConfigError(f"dataset={config.dataset!r} is not known; allowed: {', '.join(sorted(data.DATASETS))}")
+  if not isinstance(config.train_split, str):
+    raise ConfigError(f"train_split must be a split string such as 'train[:10000]' (or '' for the dataset's "
+                      f"own), got {config.train_split!r}")
+  if config.train_split and not data.DATASETS[config.dataset].in_memory:
+    raise ConfigError(f"train_split={config.train_split!r} is only supported for in-memory datasets; "
+                      f"{config.dataset} is streamed: leave train_split empty")
+  if config.augment not in ("", "crop_flip", "none") or (config.augment and not data.DATASETS[config.dataset].in_memory):
+    raise ConfigError(f"augment={config.augment!r} is not allowed for {config.dataset}; allowed: '' (the dataset's "
+                      f"own){', crop_flip, none' if data.DATASETS[config.dataset].in_memory else ''}")
   if config.schedule not in SCHEDULES:
     raise ConfigError(f"schedule={config.schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
   if config.dtype not in DTYPES:

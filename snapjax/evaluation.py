@@ -98,7 +98,7 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   for k, v in (data_overrides or {}).items():
     if v:
       config[k] = v
-  spec = data.get_spec(config.dataset)
+  spec = training.dataset_spec(config)
   model = training.make_model(config, spec.num_classes)
   mesh = training.make_mesh()
   input_shape = spec.image_shape if spec.in_memory else (config.image_size, config.image_size, spec.image_shape[-1])

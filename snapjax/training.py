@@ -258,6 +258,12 @@ def _check_workdir(workdir: str, config_dict: dict[str, Any]) -> None:
         f"or pass --fresh to move the old run aside and start again")
 
 
+def dataset_spec(config: ml_collections.ConfigDict) -> data.DatasetSpec:
+  """The dataset's spec, with the config's augmentation override."""
+  spec = data.get_spec(config.dataset)
+  return dataclasses.replace(spec, augment=config.augment) if config.augment else spec
+
+
 def load_split(config: ml_collections.ConfigDict, spec: data.DatasetSpec, split: str):
   """(images, labels) of an in-memory dataset's split, from the paths in the config."""
   return data.load_arrays(spec, split, data_dir=config.data_dir or None,
@@ -276,11 +282,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   config_dict = config_lib.to_dict(config)
   if not fresh:
     _check_workdir(workdir, config_dict)
-  spec = data.get_spec(config.dataset)
+  spec = dataset_spec(config)
   model = make_model(config, spec.num_classes)
 
   # Data (host side, before any compilation: a missing file is a user error, not a crash).
-  train_arrays = load_split(config, spec, spec.train_split) if spec.in_memory else None
+  train_split = config.train_split or spec.train_split
+  train_arrays = load_split(config, spec, train_split) if spec.in_memory else None
   test_images, test_labels = load_split(config, spec, spec.eval_split) if spec.in_memory else (None, None)
   if not spec.in_memory:  # Opening the test stream checks that the TFDS data is prepared.
     data.make_stream(spec, spec.eval_split, batch_size_per_host=1, data_dir=config.data_dir or None,
@@ -326,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       next_inputs = lambda: (images, labels)  # noqa: E731
     else:
       stream = data.make_stream(
-          spec, spec.train_split, batch_size_per_host=config.batch_size // jax.process_count(),
+          spec, train_split, batch_size_per_host=config.batch_size // jax.process_count(),
           data_dir=config.data_dir or None, train=True, seed=config.seed + start, image_size=config.image_size)
       # A resumed stream is reseeded by the resume step: it does not replay the batches already seen, but
       # (unlike the in-memory path) its order is not the one an uninterrupted run would have had.

@@ -225,3 +225,18 @@ def test_eval_ensembles_the_snapshots_of_several_runs(full_run, tiny_data, tmp_p
     np.testing.assert_allclose(report["ensembles"][0][k], alone["snapshots"][-1][k], rtol=1e-6)
     np.testing.assert_allclose(report["ensembles"][1][k], alone["ensembles"][1][k], rtol=1e-6)
   assert not os.path.exists(os.path.join(other, "eval"))  # out_dir was honoured.
+
+
+def test_runs_from_before_a_config_field_existed_still_resume_and_evaluate(full_run, tiny_data, tmp_path):
+  import shutil
+  old = str(tmp_path / "old")
+  shutil.copytree(full_run[0], old)
+  path = os.path.join(old, "config.json")
+  saved = json.load(open(path))
+  for field in ("augment", "train_split"):  # Fields added after the first release.
+    del saved[field]
+  json.dump(saved, open(path, "w"))
+  result = training.train_and_evaluate(tiny_config(tiny_data), old)  # Not refused as a different config.
+  assert result["step"] == 64
+  report = evaluation.evaluate_runs([old], out_dir=str(tmp_path / "eval"), plot=False)
+  assert [s["step"] for s in report["snapshots"]] == [32, 64]
