@@ -1,4 +1,5 @@
 """Snapshot Ensemble training: a sharded, jitted SGD step over every device, snapshots at cycle ends."""
+import contextlib
 import dataclasses
 import functools
 import math
@@ -206,26 +207,33 @@ class _Preemption:
   """
   AGREE_EVERY = 10
 
-  def __init__(self, start: int = 0):
+  def __init__(self):
     self.requested = False
-    self._start = start
     self._previous = None
     self._sync_manager = False
 
   def __enter__(self):
+    """One process: catch SIGTERM from the start, so a notice during set-up or compilation is kept too."""
+    if jax.process_count() == 1:
+      self._install_handler()
+    return self
+
+  def begin(self, start: int) -> contextlib.AbstractContextManager:
+    """Called once before the first step (several processes: registers the start step with JAX's service)."""
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       try:  # Registers the start step, so a notice that arrives before the first step picks a later one.
-        self.requested = multihost_utils.reached_preemption_sync_point(self._start)
+        self.requested = multihost_utils.reached_preemption_sync_point(start)
         self._sync_manager = True
-        return self
       except RuntimeError:  # The preemption service is disabled: fall back to flags and an allgather.
-        pass
+        self._install_handler()
+    return contextlib.nullcontext(self)
+
+  def _install_handler(self):
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread: no handler, the loop never sees a request.
       self._previous = None
-    return self
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -276,7 +284,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
 
   Every check of the user's input (config, workdir, data) runs before anything is written or compiled;
   fresh=True moves an existing run aside (after those checks) instead of refusing a different config.
+  A preemption notice (SIGTERM) at any point saves the state after the next step and returns.
   """
+  with _Preemption() as preemption:
+    return _train_and_evaluate(config, workdir, fresh, preemption)
+
+
+def _train_and_evaluate(config, workdir, fresh, preemption) -> dict[str, Any]:
   num_devices = jax.device_count()
   config_lib.validate(config, num_devices)
   config_dict = config_lib.to_dict(config)
@@ -353,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     scores = []
     pending = None  # (step, metrics) of the previous step, pulled after the next step is dispatched.
     window = _Window(time.time(), start)
-    with _Preemption(start) as preemption:
+    with preemption.begin(start):
       for step in range(start, plan.total_steps):
         state, metrics = train_step(state, *next_inputs())
         done = step + 1

@@ -310,6 +310,10 @@ def test_sigterm_saves_finishes_snapshot_and_exits_cleanly_then_resumes(referenc
     assert not [n for n in _listing(workdir, "state") + _listing(workdir, "snapshots") if TMP in n]
     return stopped
 
+  # 0. During set-up or compilation (config.json is written just before): the run stops after its first step.
+  r = _start(runs, tiny_data, workdir)
+  assert preempt(r, lambda: os.path.exists(os.path.join(workdir, "config.json")), "during set-up") == 1
+
   # 1. Mid-cycle: the state of the step in flight is saved.
   r = _start(runs, tiny_data, workdir)
   stopped = preempt(r, lambda: term_at in r.steps_logged(), f"at step >= {term_at}")
