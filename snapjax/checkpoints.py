@@ -4,6 +4,7 @@ import os
 import zlib
 from typing import Any
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -19,13 +20,19 @@ MUTABLE_FIELDS = frozenset({
     "checkpoint_every_steps", "eval_snapshots"})
 
 
-def _manager(path: str, *, max_to_keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
+def run_path(path: str | os.PathLike) -> epath.Path:
+  """A workdir path: local (made absolute) or a bucket URL such as gs://bucket/run (Cloud TPU)."""
+  path = os.fspath(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+def _manager(path: epath.Path, *, max_to_keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
   # A writer removes the <step>.orbax-checkpoint-tmp directories of saves cut by a kill (a reader leaves
   # them: they may be the in-flight saves of a run still training).
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(os.path.abspath(path), options=options)
+  return ocp.CheckpointManager(path, options=options)
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
@@ -41,9 +48,9 @@ class RunCheckpoints:
   def __init__(self, workdir: str, *, read_only: bool = False):
     self.workdir = workdir
     self.read_only = read_only
-    self._state = None if read_only else _manager(os.path.join(workdir, STATE_DIR), max_to_keep=2)
-    snap_dir = os.path.join(workdir, SNAPSHOT_DIR)
-    if read_only and not os.path.isdir(snap_dir):
+    self._state = None if read_only else _manager(run_path(workdir) / STATE_DIR, max_to_keep=2)
+    snap_dir = run_path(workdir) / SNAPSHOT_DIR
+    if read_only and not snap_dir.is_dir():
       raise CheckpointError(f"no snapshots in workdir {workdir!r}: {snap_dir} does not exist (train first)")
     self._snaps = _manager(snap_dir, max_to_keep=None, read_only=read_only)
 
@@ -127,12 +134,11 @@ def read_config(workdir: str) -> dict[str, Any] | None:
   Fields added to snapjax after the run was made take their defaults, which keep the old behaviour.
   """
   from snapjax import config as config_lib
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = run_path(workdir) / CONFIG_FILE
+  if not path.exists():
     return None
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{path} is unreadable ({e}); it records the run's config") from e
   if not isinstance(saved, dict):
@@ -150,9 +156,8 @@ def write_config(workdir: str, config: dict[str, Any]) -> None:
   """Write config.json atomically (main process only)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  root = run_path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  tmp = root / (CONFIG_FILE + ".tmp")
+  tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+  tmp.replace(root / CONFIG_FILE)

@@ -165,9 +165,9 @@ def _member_steps(workdirs: list[str]) -> list[tuple[str, int]]:
 
 def write_report(report: dict[str, Any], out_dir: str, *, plot: bool = True) -> None:
   """report.json, report.md and error_vs_m.png in out_dir."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  out = checkpoints.run_path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "report.json").write_text(json.dumps(report, indent=2))
   lines = [f"# Snapshot Ensemble evaluation: {report['model']} on {report['dataset']} "
            f"({report['num_test_examples']} test examples)", "",
            "| snapshot | run | step | error (%) | NLL |", "|---|---|---|---|---|"]
@@ -179,14 +179,13 @@ def write_report(report: dict[str, Any], out_dir: str, *, plot: bool = True) -> 
   best = min(s["error"] for s in report["snapshots"])
   lines += ["", f"Best single snapshot: {100 * best:.2f}% error; ensemble of the last {report['ensemble']['m']}: "
             f"{100 * report['ensemble']['error']:.2f}% error, NLL {report['ensemble']['nll']:.4f}.", ""]
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write("\n".join(lines))
+  (out / "report.md").write_text("\n".join(lines))
   if plot:
-    _plot(report, os.path.join(out_dir, "error_vs_m.png"))
-  logging.info("Wrote %s", os.path.join(out_dir, "report.md"))
+    _plot(report, out / "error_vs_m.png")
+  logging.info("Wrote %s", out / "report.md")
 
 
-def _plot(report: dict[str, Any], path: str) -> None:
+def _plot(report: dict[str, Any], path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -201,5 +200,6 @@ def _plot(report: dict[str, Any], path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)

@@ -492,16 +492,19 @@ def _make_writer(workdir: str):
 
 def move_run_aside(workdir: str) -> str | None:
   """Rename an existing run's files into WORKDIR/previous-<time>/ (nothing is deleted); return that path."""
-  names = [n for n in (checkpoints.CONFIG_FILE, checkpoints.STATE_DIR, checkpoints.SNAPSHOT_DIR, "eval")
-           if os.path.exists(os.path.join(workdir, n))]
-  names += [n for n in os.listdir(workdir) if n.startswith("events.out.tfevents")] if os.path.isdir(workdir) else []
-  if not names or jax.process_index() != 0:
+  root = checkpoints.run_path(workdir)
+  if not root.is_dir() or jax.process_index() != 0:
     return None
-  dest = os.path.join(workdir, time.strftime("previous-%Y%m%d-%H%M%S"))
-  os.makedirs(dest)
-  for n in names:
-    os.rename(os.path.join(workdir, n), os.path.join(dest, n))
-  return dest
+  names = [p.name for p in root.iterdir() if p.name in (checkpoints.CONFIG_FILE, checkpoints.STATE_DIR,
+                                                        checkpoints.SNAPSHOT_DIR, "eval")
+           or p.name.startswith("events.out.tfevents")]
+  if not names:
+    return None
+  dest = root / time.strftime("previous-%Y%m%d-%H%M%S")
+  dest.mkdir()
+  for n in sorted(names):
+    (root / n).rename(dest / n)
+  return str(dest)
 
 
 def _start_fresh(workdir: str) -> None:
