@@ -14,11 +14,21 @@ _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Drops the INFO chatter of orbax and TensorFlow from the progress log; their warnings still show."""
+  """Drops the INFO chatter of orbax and TensorFlow from the progress log; their warnings still show, as one line.
+
+  snapjax turns the errors that matter into its own one-line messages (a corrupt snapshot, a failed save);
+  the libraries' multi-line dumps of the same error (tracebacks, TensorStore specs) would bury them.
+  """
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     noisy = any(p in record.pathname for p in ("/orbax/", "/tensorflow_datasets/", "/tensorflow/", "/clu/"))
-    return record.levelno >= py_logging.WARNING or not noisy
+    if not noisy:
+      return True
+    if record.levelno < py_logging.WARNING:
+      return False
+    record.msg, record.args = record.getMessage().splitlines()[0] if record.getMessage() else "", None
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def setup_logging() -> None:

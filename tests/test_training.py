@@ -187,23 +187,36 @@ def test_paper_configs_match_the_paper_budgets():
       assert c.schedule == "cosine_cycles" and c.momentum == 0.9 and c.weight_decay == 1e-4
 
 
-def test_mock_tfds_imagenet_streams_through_tf_data(tmp_path):
-  import tensorflow_datasets as tfds
+def test_streamed_dataset_trains_and_evaluates_through_the_stream_path(tmp_path, monkeypatch):
+  """ImageNet's path: host batches from make_stream (faked here: tests/test_data.py covers the real tf.data
+  stream under tfds mock_data, which patches the file system globally and so races orbax's save threads)."""
+  from snapjax import data
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(24, 32, 32, 3)).astype(np.float32)
+  labels = rng.integers(0, 1000, 24).astype(np.int32)
+  calls = []
+
+  def fake_stream(spec, split, *, batch_size_per_host, data_dir, train, seed, image_size=224, **kw):
+    calls.append((split, train, seed, batch_size_per_host))
+    n = 24 if train else 10  # 10 test examples: the last batch of 8 is padded and masked.
+    i = 0
+    while train or i < n:
+      idx = np.arange(i, i + batch_size_per_host) % n
+      mask = (np.arange(i, i + batch_size_per_host) < n).astype(np.float32) if not train else np.ones(len(idx))
+      yield {"image": images[idx], "label": labels[idx], "mask": mask.astype(np.float32)}
+      i += batch_size_per_host
+
+  monkeypatch.setattr(data, "make_stream", fake_stream)
+  monkeypatch.setitem(data.DATASETS, "imagenet2012", dataclasses_replace(data.DATASETS["imagenet2012"], num_train=24))
   c = config_lib.base_config()
   c.update(model="resnet8", dataset="imagenet2012", image_size=32, num_epochs=1.0, num_cycles=1, batch_size=8,
-           eval_batch_size=8, log_every_steps=1, checkpoint_every_steps=100, data_dir=str(tmp_path / "tfds"))
-  # The registry's ImageNet sizes define the epoch; shrink them to the mock split's.
-  from snapjax import data
-  spec = data.DATASETS["imagenet2012"]
-  mock = dataclasses_replace(spec, num_train=24, num_eval=10)
-  with pytest.MonkeyPatch.context() as mp, tfds.testing.mock_data(num_examples=10):
-    mp.setitem(data.DATASETS, "imagenet2012", mock)
-    result = training.train_and_evaluate(c, str(tmp_path / "run"))
-    report = evaluation.evaluate_runs([str(tmp_path / "run")], plot=False)
-  assert result["snapshot_steps"] == [3]
-  assert [s["step"] for s in report["snapshots"]] == [3]
-  assert report["num_test_examples"] == 10  # Padded last batch, each example once.
-  assert result["snapshot_scores"][0]["count"] == 10
+           eval_batch_size=8, log_every_steps=1, checkpoint_every_steps=100)
+  result = training.train_and_evaluate(c, str(tmp_path / "run"))
+  report = evaluation.evaluate_runs([str(tmp_path / "run")], plot=False)
+  assert result["snapshot_steps"] == [3]  # 24 examples / batch 8.
+  assert ("train", True, 0, 8) in calls and ("validation", False, 0, 8) in calls
+  assert report["num_test_examples"] == 10 and result["snapshot_scores"][0]["count"] == 10
+  np.testing.assert_allclose(report["snapshots"][0]["error"], result["snapshot_scores"][0]["error"], atol=1e-9)
 
 
 def dataclasses_replace(obj, **kw):
