@@ -15,3 +15,13 @@ jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("SNAPJAX_TEST_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
                                                                         "snapjax-test-jax-cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+  """A tiny learnable Fashion-MNIST in raw IDX files (tests/helpers.py), made once per test process."""
+  from helpers import make_tiny_fashion_mnist
+  return make_tiny_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")))

@@ -12,7 +12,7 @@ import pytest
 
 from snapjax import training
 
-from helpers import make_tiny_fashion_mnist, tiny_config
+from helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join("tests", "configs", "tiny.py")
@@ -67,11 +67,6 @@ def _array_file(workdir: str, step: int) -> str:
                                 recursive=True) if os.path.isfile(p)]
   assert files, f"no OCDBT data files under {workdir}/snapshots/{step}/variables"
   return max(files, key=os.path.getsize)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-  return make_tiny_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 from snapjax import checkpoints, evaluation, training
 from snapjax.errors import CheckpointError
 
-from helpers import make_tiny_fashion_mnist, tiny_config
+from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL, SNAPS = 64, (32, 64)  # The tiny run: 64 steps, snapshots at 32 and 64, state every 10 steps.
@@ -70,11 +70,6 @@ deleter.PathDeleter.delete = delete
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 '''
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-  return make_tiny_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 
 from snapjax import checkpoints, config as config_lib, evaluation, training
 
-from helpers import NUM_TEST, NUM_TRAIN, make_tiny_fashion_mnist, tiny_config
+from helpers import NUM_TEST, NUM_TRAIN, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
@@ -30,11 +30,6 @@ SNAPSHOT_STEPS = [4, 8]
 ATOL = 5e-5
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-  return make_tiny_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")))
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,7 @@ import pytest
 from snapjax import checkpoints, config as config_lib, evaluation, models, schedules, training
 from snapjax.errors import CheckpointError, ConfigError
 
-from helpers import MEAN, NUM_TEST, STD, make_tiny_fashion_mnist, tiny_config
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-  return make_tiny_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")))
+from helpers import MEAN, NUM_TEST, STD, tiny_config
 
 
 @pytest.fixture(scope="module")
