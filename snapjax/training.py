@@ -2,8 +2,6 @@
 import contextlib
 import dataclasses
 import functools
-import math
-import os
 import signal
 import time
 from typing import Any, Callable, Iterator
@@ -63,10 +61,9 @@ def make_plan(config: ml_collections.ConfigDict, num_train: int) -> Plan:
           f"or raise num_epochs")
     if config.schedule == "cosine_cycles":
       snaps = schedules.snapshot_steps(total, config.num_cycles)
-      schedules.snapshot_schedule(config.init_lr, total, config.num_cycles)
     else:
       snaps = schedules.nocycle_snapshot_steps(total, config.num_cycles)
-      schedules.step_schedule(config.init_lr, total)
+    make_schedule(config, total)  # Checks the budget against the schedule's own rules.
   except ConfigError:
     raise
   except ValueError as e:
@@ -76,10 +73,11 @@ def make_plan(config: ml_collections.ConfigDict, num_train: int) -> Plan:
   return Plan(steps_per_epoch, total, tuple(snaps))
 
 
-def make_schedule(config: ml_collections.ConfigDict, plan: Plan) -> optax.Schedule:
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """The config's learning-rate schedule over total_steps updates (paper Eq. 2, or the step baseline)."""
   if config.schedule == "cosine_cycles":
-    return schedules.snapshot_schedule(config.init_lr, plan.total_steps, config.num_cycles)
-  return schedules.step_schedule(config.init_lr, plan.total_steps)
+    return schedules.snapshot_schedule(config.init_lr, total_steps, config.num_cycles)
+  return schedules.step_schedule(config.init_lr, total_steps)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -308,7 +306,7 @@ def _train_and_evaluate(config, workdir, fresh, preemption) -> dict[str, Any]:
                      train=False, seed=0, image_size=config.image_size)
   num_train = len(train_arrays[1]) if train_arrays is not None else spec.num_train
   plan = make_plan(config, num_train)
-  schedule = make_schedule(config, plan)
+  schedule = make_schedule(config, plan.total_steps)
   tx = make_optimizer(config, schedule)
   if fresh:
     _start_fresh(workdir)
