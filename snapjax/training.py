@@ -370,11 +370,11 @@ def _train_and_evaluate(config, workdir, fresh, preemption) -> dict[str, Any]:
         state, metrics = train_step(state, *next_inputs())
         done = step + 1
         if pending is not None:
-          _check_finite(pending, ckpt, window)
+          _check_finite(pending, ckpt)
         pending = (done, metrics)
         must_save = done in snapshot_steps or done % config.checkpoint_every_steps == 0 or done == plan.total_steps
         if must_save or done % config.log_every_steps == 0:
-          _check_finite(pending, ckpt, window)
+          _check_finite(pending, ckpt)
           pending = None
         if done % config.log_every_steps == 0:
           _log_progress(writer, done, metrics, plan, config.batch_size, window)
@@ -395,7 +395,7 @@ def _train_and_evaluate(config, workdir, fresh, preemption) -> dict[str, Any]:
           ckpt.save_state(done, state)
         if preemption.should_stop(done) and done < plan.total_steps:
           if pending is not None:
-            _check_finite(pending, ckpt, window)
+            _check_finite(pending, ckpt)
           if not must_save:
             ckpt.save_state(done, state)
           ckpt.wait()
@@ -403,7 +403,7 @@ def _train_and_evaluate(config, workdir, fresh, preemption) -> dict[str, Any]:
                           done, plan.total_steps)
           return {"preempted": True, "step": done, "snapshot_scores": scores}
       if pending is not None:
-        _check_finite(pending, ckpt, window)
+        _check_finite(pending, ckpt)
       ckpt.wait()  # Still under the SIGTERM handler: a notice now cannot cut the final saves.
     return {"preempted": False, "step": plan.total_steps, "snapshot_steps": list(plan.snapshot_steps),
             "snapshot_scores": scores}
@@ -453,13 +453,13 @@ class _Window:
   """Wall-clock window for images/s and ETA."""
   t0: float
   step0: int
-  last_lr: float = float("nan")
 
 
-def _check_finite(pending, ckpt: checkpoints.RunCheckpoints, window: _Window) -> None:
+def _check_finite(pending, ckpt: checkpoints.RunCheckpoints) -> None:
+  """Raise TrainingDiverged if the step's loss or gradient was non-finite (pulls one scalar per step)."""
   step, metrics = pending
-  m = jax.device_get(metrics)
-  if not bool(m["finite"]):
+  if not bool(jax.device_get(metrics["finite"])):
+    m = jax.device_get(metrics)
     ckpt.wait()  # Saves in flight (all of good steps) commit first, so the message names what is on disk.
     saved = ckpt.snapshot_steps()
     last = f"step {saved[-1]} ({ckpt.snapshot_path(saved[-1])})" if saved else "none"
