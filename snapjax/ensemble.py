@@ -7,7 +7,7 @@ leading axis and sliced to the last m inside that program, so nothing is copied 
 
 Strategies (how the m members are evaluated inside the one program):
   "vmap": `jax.vmap` over the stacked axis. A convolution whose kernel is vmapped becomes a grouped
-    convolution (feature_group_count=m) on an m-times wider input; XLA:CPU runs that 3-5x slower than
+    convolution (feature_group_count=m) on an m-times wider input; XLA:CPU runs that 3-7x slower than
     m ordinary convolutions (measured, see benchmarks/README.md).
   "map": `jax.lax.map` over the members (a scan): the body is the single-model program, compiled once
     whatever m is, with one member's activations alive at a time. `chunk_size` vmaps that many members
@@ -18,7 +18,7 @@ Strategies (how the m members are evaluated inside the one program):
       jobs, so noisy): "map" was within noise of the baseline of calling a jitted single model m
       times in every run (median ratio 0.80-1.20x; 1.02x on the quietest run, M=5, batch 256) and
       its best time was never worse; "loop" matched it at M=5, batch 256 but was 0.6-0.9x at M=2,
-      batch 64 (cause not investigated) and compiles 2-3x longer; "vmap" was 0.19-0.30x and
+      batch 64 (cause not investigated) and compiles 2-3x longer; "vmap" was 0.14-0.30x and
       chunked "map" 0.22-0.41x.
     gpu/tpu -> "map". Not measured (no accelerator here); reasoning: "map" runs exactly the
       single-model kernels m times, so apart from a device-side loop counter it costs what the
