@@ -121,6 +121,7 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   members = restore_members(workdirs, model, input_shape, mesh)
   num = len(members)
   last_m = last_m or num
+  steps = [(m.workdir, m.step) for m in members]
   stacked = ensemble.stack_snapshots([m.variables for m in members])
   del members[:]  # Only the stack is kept in device memory.
 
@@ -129,14 +130,15 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   batch_size = eval_batch_size or config.eval_batch_size
   member_tot, ens_tot, head_tot = np.zeros((num, 3)), np.zeros((num, 3)), np.zeros(3)
   for x, y, mask in training.iter_test_batches(config, spec, mesh, batch_size, test_arrays):
+    # One pass of every snapshot; the headline last-m ensemble is ensemble_predict's own mean when m = M,
+    # else the last-m row of the per-m counts (the same members, so no second pass over the models).
     mean_BxC, members_MxBxC = ensemble.ensemble_predict(apply_fn, stacked, x, last_m=num, return_members=True)
-    head = ensemble.ensemble_predict(apply_fn, stacked, x, last_m=last_m) if last_m != num else mean_BxC
     per_member, per_m = _member_and_ensemble_counts(members_MxBxC, y, mask)
     member_tot += np.asarray(per_member, np.float64)
     ens_tot += np.asarray(per_m, np.float64)
-    head_tot += np.asarray(jnp.stack(ensemble.counts(head, y, mask)), np.float64)
+    head = jnp.stack(ensemble.counts(mean_BxC, y, mask)) if last_m == num else per_m[last_m - 1]
+    head_tot += np.asarray(head, np.float64)
 
-  steps = _member_steps(workdirs)
   report = {
       "dataset": config.dataset, "model": config.model, "workdirs": list(workdirs),
       "num_test_examples": int(head_tot[2]),
@@ -152,15 +154,6 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
 
 def _apply_fn(model, compute_dtype):
   return lambda variables, x: model.apply(variables, x.astype(compute_dtype), train=False)
-
-
-def _member_steps(workdirs: list[str]) -> list[tuple[str, int]]:
-  out = []
-  for wd in workdirs:
-    ckpt = checkpoints.RunCheckpoints(wd, read_only=True)
-    out += [(wd, s) for s in ckpt.snapshot_steps()]
-    ckpt.close()
-  return out
 
 
 def write_report(report: dict[str, Any], out_dir: str, *, plot: bool = True) -> None:

@@ -248,3 +248,11 @@ def test_runs_from_before_a_config_field_existed_still_resume_and_evaluate(full_
   assert result["step"] == 64
   report = evaluation.evaluate_runs([old], out_dir=str(tmp_path / "eval"), plot=False)
   assert [s["step"] for s in report["snapshots"]] == [32, 64]
+
+
+def test_eval_headline_last_m_is_that_ensemble(full_run, tmp_path):
+  report = evaluation.evaluate_runs([full_run[0]], last_m=1, out_dir=str(tmp_path), plot=False)
+  assert report["ensemble"]["m"] == 1
+  for k in ("error", "nll"):  # The last-1 ensemble is the final snapshot alone.
+    np.testing.assert_allclose(report["ensemble"][k], report["snapshots"][-1][k], rtol=1e-6)
+    np.testing.assert_allclose(report["ensemble"][k], report["ensembles"][0][k], rtol=1e-6)
