@@ -29,9 +29,14 @@ def run_path(path: str | os.PathLike) -> epath.Path:
 def _manager(path: epath.Path, *, max_to_keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
   # A writer removes the <step>.orbax-checkpoint-tmp directories of saves cut by a kill (a reader leaves
   # them: they may be the in-flight saves of a run still training).
+  # Each manager gets its own barrier-key prefix: without one, the state and snapshot managers of a multi-host
+  # run share orbax's "ThreadSaveMultiHostValueHolder:set_value_start" barrier, and a snapshot's finalising
+  # thread meeting the next state save on it failed a run with "Barrier ... is already ongoing" (2 of ~10
+  # 2-process runs saving every step, tests/measure_drift.py).
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only)
+      enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"snapjax_{path.name}"))
   return ocp.CheckpointManager(path, options=options)
 
 
