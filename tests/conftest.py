@@ -1,7 +1,12 @@
 """Test set-up: 4 fake CPU devices and strict rank promotion, set before JAX starts."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+from helpers import DEVICE_COUNT_FLAG, xla_flags
+
+NUM_DEVICES = 4
+# Added to whatever XLA_FLAGS already holds (a device-count flag there is replaced), so a user's own XLA flags
+# (--xla_cpu_enable_fast_math=false, --xla_cpu_max_isa=AVX2, ...) still apply.
+os.environ["XLA_FLAGS"] = xla_flags(NUM_DEVICES)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -18,6 +23,22 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "devices(n): the test needs n CPU devices in this process (conftest sets 4)")
+
+
+def pytest_runtest_setup(item):
+  """A test marked devices(n) fails at once, saying why, where this process has fewer devices."""
+  marker = item.get_closest_marker("devices")
+  if marker is None:
+    return
+  need, have = marker.args[0], jax.device_count()
+  if have < need:
+    pytest.fail(f"this test needs {need} CPU devices but JAX has {have}: conftest sets "
+                f"{DEVICE_COUNT_FLAG}={NUM_DEVICES} in XLA_FLAGS before JAX starts, so JAX was started earlier "
+                f"or by another flag (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,6 @@ import struct
 
 import numpy as np
 
-from snapjax import config as config_lib
-
 NUM_TRAIN, NUM_TEST = 512, 203  # 203: the last evaluation batch is partial and padded.
 MEAN, STD = 72.94, 90.02  # Fashion-MNIST statistics, restated here as the reference normalisation.
 
@@ -32,6 +30,7 @@ def make_tiny_fashion_mnist(directory, seed=0):
 
 def tiny_config(data_dir, **overrides):
   """resnet8 on the tiny data: 16 steps/epoch at batch 32, 4 epochs, 2 cycles (snapshots at 32 and 64)."""
+  from snapjax import config as config_lib  # Not at the top: conftest imports this module before JAX starts.
   c = config_lib.base_config()
   c.model = "resnet8"
   c.dataset = "fashion_mnist"
@@ -46,3 +45,91 @@ def tiny_config(data_dir, **overrides):
   for k, v in overrides.items():
     c[k] = v
   return c
+
+
+# Subprocess runs (train.py, eval.py, tests/multihost_worker.py) for the CLI, fault and multi-host tests.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
+TINY_CONFIG = os.path.join("tests", "configs", "tiny.py")
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(num_devices: int, base: str | None = None, extra: list[str] | tuple[str, ...] = ()) -> str:
+  """XLA_FLAGS holding `base`'s flags (default: this environment's) with num_devices fake CPU devices.
+
+  Any device-count flag already in `base` is replaced, the others (--xla_cpu_max_isa=AVX2, fast-math...) kept.
+  """
+  base = os.environ.get("XLA_FLAGS", "") if base is None else base
+  kept = [f for f in base.split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  return " ".join([*kept, *extra, f"{DEVICE_COUNT_FLAG}={num_devices}"])
+
+
+def subprocess_env(num_devices: int = 4, extra_xla_flags=(), **extra: str) -> dict[str, str]:
+  """This environment for a child JAX process with num_devices CPU devices and the tests' compile cache."""
+  import jax
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SNAPJAX_WORKER_", "SNAPJAX_FAULT", "JAX_")) and k != "XLA_FLAGS"}
+  env.update(XLA_FLAGS=xla_flags(num_devices, extra=extra_xla_flags), JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", NO_GCE_CHECK="true")
+  if jax.config.jax_compilation_cache_dir:  # Set by conftest; unset when a script outside pytest calls this.
+    env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  env.update(extra)
+  return env
+
+
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def train_argv(script: str, data_dir: str, workdir: str, overrides: dict | None = None, *extra: str) -> list[str]:
+  """Arguments of train.py (or the worker) on the tiny config with --config.<field> overrides."""
+  return [script, "--config", TINY_CONFIG, f"--config.fashion_mnist_dir={data_dir}", "--workdir", workdir,
+          *[f"--config.{k}={v}" for k, v in (overrides or {}).items()], *extra]
+
+
+def launch(argvs: list[list[str]], env: dict[str, str], log_dir: str, timeout: float = 240):
+  """Run the Python commands together; kill them all (whole process groups) on the first failure or on timeout.
+
+  Returns (pids, outputs); fails with the failing process's log tail unless every one exits 0.
+  """
+  import signal
+  import subprocess
+  import sys
+  import time
+  procs, logs, killed = [], [], set()
+  try:
+    for i, argv in enumerate(argvs):
+      log = open(os.path.join(log_dir, f"proc{i}.log"), "w+")
+      logs.append(log)
+      procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+      if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+        break
+      time.sleep(0.2)
+    timed_out = time.monotonic() > deadline
+  finally:
+    for i, p in enumerate(procs):
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        killed.add(i)
+      p.wait()
+  outputs = []
+  for log in logs:
+    log.seek(0)
+    outputs.append(log.read())
+    log.close()
+  failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+  # The processes that failed by themselves first (the others were killed because of them), then the killed.
+  failed.sort(key=lambda i: i in killed)
+  assert not failed, "\n".join(
+      f"process {i} of {len(procs)} " + (f"killed after {timeout} s" if i in killed and timed_out else
+                                         "killed after another failed" if i in killed else
+                                         f"exited with {procs[i].returncode}") + ":\n" + outputs[i][-3000:]
+      for i in failed)
+  return [p.pid for p in procs], outputs

@@ -7,7 +7,9 @@ Probes, set by environment variables (all optional):
   SNAPJAX_WORKER_SIGTERM_AT=k:i send SIGTERM to process i itself at step k (a real preemption notice, one host).
   SNAPJAX_WORKER_AGREE_EVERY=n  hosts compare their preemption flags every n steps (when the JAX service is off).
   SNAPJAX_WORKER_RESTORED=path save the restored train state (this process's copy) to path + ".npz".
-  SNAPJAX_WORKER_SAVED=path    save each train state passed to save_state to path + ".<step>.npz".
+  SNAPJAX_WORKER_SAVED=path    save each train state passed to save_state to path + ".<step>.npz" (process 0).
+  SNAPJAX_WORKER_PERTURB_ULPS=k move every initial parameter k float32 ulps up or down (random signs, seed 0):
+                               a perturbation of the size of summation-order noise (tests/measure_drift.py).
 """
 import json
 import os
@@ -19,6 +21,7 @@ sys.path.insert(0, ROOT)
 
 from absl import app  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import train  # noqa: E402
@@ -85,10 +88,28 @@ def _install_probes() -> None:
     original_save = checkpoints.RunCheckpoints.save_state
 
     def save_state(self, step, state):
-      _dump(f"{saved_path}.{step}", state)
+      if jax.process_index() == 0:  # One writer: every process holds the same replicated state.
+        _dump(f"{saved_path}.{step}", state)
       return original_save(self, step, state)
 
     checkpoints.RunCheckpoints.save_state = save_state
+
+  perturb = os.environ.get("SNAPJAX_WORKER_PERTURB_ULPS")
+  if perturb:
+    original_init = training.init_state
+
+    def init_state(*args, **kwargs):
+      state = original_init(*args, **kwargs)
+      leaves, treedef = jax.tree.flatten(state["params"])
+      keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+      moved = []
+      for key, p in zip(keys, leaves):
+        for _ in range(int(perturb)):
+          p = jnp.nextafter(p, jnp.where(jax.random.bernoulli(key, 0.5, p.shape), jnp.inf, -jnp.inf).astype(p.dtype))
+        moved.append(p)
+      return {**state, "params": jax.tree.unflatten(treedef, moved)}
+
+    training.init_state = init_state
 
   original_main = training.main
 

@@ -7,12 +7,14 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from snapjax import training
 
+import helpers
 from helpers import tiny_config
+
+pytestmark = pytest.mark.devices(4)  # In-process runs and references use conftest's 4 CPU devices.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join("tests", "configs", "tiny.py")
@@ -21,19 +23,10 @@ COMPILE_MARKERS = ("Compiling ", "Finished XLA compilation")
 TIMEOUT = 180  # Seconds; a run that hangs (e.g. on a network call) fails the test instead of blocking CI.
 
 
-def _env() -> dict[str, str]:
-  env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1", JAX_LOG_COMPILES="1", CUDA_VISIBLE_DEVICES="",
-             NO_GCE_CHECK="true")
-  return env
-
-
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
   """Run train.py / eval.py in a subprocess (killed at TIMEOUT), with compile logging on."""
-  return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                        timeout=TIMEOUT)
+  return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=helpers.subprocess_env(4, JAX_LOG_COMPILES="1"),
+                        capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def _assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

@@ -169,6 +169,7 @@ def test_bf16_logits_softmax_in_float32():
     np.testing.assert_allclose(mean_BxC, want.mean(axis=0), atol=1e-6)
 
 
+@pytest.mark.devices(4)
 def test_keeps_data_sharding_of_x():
   apply_fn, snaps, x = _mlp_case()
   x = jax.random.normal(jax.random.key(3), (8, 3))

@@ -21,7 +21,10 @@ import pytest
 from snapjax import checkpoints, evaluation, training
 from snapjax.errors import CheckpointError
 
+import helpers
 from helpers import tiny_config
+
+pytestmark = pytest.mark.devices(4)  # In-process runs and references use conftest's 4 CPU devices.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL, SNAPS = 64, (32, 64)  # The tiny run: 64 steps, snapshots at 32 and 64, state every 10 steps.
@@ -116,20 +119,11 @@ def _committed_states(workdir):
   return sorted(int(n) for n in _listing(workdir, "state") if n.isdigit())
 
 
-def _env():
-  env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
-  env.pop("SNAPJAX_FAULT", None)
-  return env
-
-
 class _Run:
   """train.py in a subprocess; its merged output is read by a thread so the test can react to lines."""
 
   def __init__(self, data_dir, workdir, *, fault=None, runner=None):
-    env = _env()
+    env = helpers.subprocess_env(4)
     if fault:
       env["SNAPJAX_FAULT"] = fault
     program = [runner] if fault else ["train.py"]

@@ -11,6 +11,8 @@ from snapjax.errors import CheckpointError, ConfigError
 
 from helpers import MEAN, NUM_TEST, STD, tiny_config
 
+pytestmark = pytest.mark.devices(4)  # In-process runs and references use conftest's 4 CPU devices.
+
 
 @pytest.fixture(scope="module")
 def full_run(tiny_data, tmp_path_factory):
