@@ -7,19 +7,16 @@ leading axis and sliced to the last m inside that program, so nothing is copied 
 
 Strategies (how the m members are evaluated inside the one program):
   "vmap": `jax.vmap` over the stacked axis. A convolution whose kernel is vmapped becomes a grouped
-    convolution (feature_group_count=m) on an m-times wider input; XLA:CPU runs that 3-7x slower than
-    m ordinary convolutions (measured, see benchmarks/README.md).
+    convolution (feature_group_count=m) on an m-times wider input, which XLA:CPU runs several times
+    slower than m ordinary convolutions.
   "map": `jax.lax.map` over the members (a scan): the body is the single-model program, compiled once
     whatever m is, with one member's activations alive at a time. `chunk_size` vmaps that many members
     per step (`lax.map(..., batch_size=chunk_size)`), so it inherits "vmap"'s grouped convolutions.
   "loop": a Python-unrolled sum over the members inside the jit; compile time grows with m.
   "auto": picked per backend (the platform of x's devices, else `jax.default_backend()`):
-    cpu -> "map". Measured with benchmarks/ensemble_eval.py (ResNet-20, 2 cores shared with other
-      jobs, so noisy): "map" was within noise of the baseline of calling a jitted single model m
-      times in every run (median ratio 0.80-1.20x; 1.02x on the quietest run, M=5, batch 256) and
-      its best time was never worse; "loop" matched it at M=5, batch 256 but was 0.6-0.9x at M=2,
-      batch 64 (cause not investigated) and compiles 2-3x longer; "vmap" was 0.14-0.30x and
-      chunked "map" 0.22-0.41x.
+    cpu -> "map". It kept up with the baseline of calling a jitted single model m times in every
+      run, at every batch size tried; "loop" fell behind it at a small batch and compiles longer;
+      "vmap" and chunked "map" were several times slower.
     gpu/tpu -> "map". Not measured (no accelerator here); reasoning: "map" runs exactly the
       single-model kernels m times, so apart from a device-side loop counter it costs what the
       per-snapshot baseline costs, keeps one member's activations in memory and compiles once
@@ -27,6 +24,7 @@ Strategies (how the m members are evaluated inside the one program):
       faster on an accelerator when one member does not fill the device (small model or batch),
       since grouped convolutions are native on TPU and in cuDNN, but that depends on the model, is
       unmeasured, and needs m times the activation memory, so it stays opt-in.
+  measured: see benchmarks/README.md (python benchmarks/ensemble_eval.py).
 """
 import functools
 import numbers
