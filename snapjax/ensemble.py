@@ -7,19 +7,16 @@ leading axis and sliced to the last m inside that program, so nothing is copied 
 
 Strategies (how the m members are evaluated inside the one program):
   "vmap": `jax.vmap` over the stacked axis. A convolution whose kernel is vmapped becomes a grouped
-    convolution (feature_group_count=m) on an m-times wider input; XLA:CPU runs that 3-7x slower than
-    m ordinary convolutions (measured, see benchmarks/README.md).
+    convolution (feature_group_count=m) on an m-times wider input, which XLA:CPU runs several times
+    slower than m ordinary convolutions.
   "map": `jax.lax.map` over the members (a scan): the body is the single-model program, compiled once
     whatever m is, with one member's activations alive at a time. `chunk_size` vmaps that many members
     per step (`lax.map(..., batch_size=chunk_size)`), so it inherits "vmap"'s grouped convolutions.
   "loop": a Python-unrolled sum over the members inside the jit; compile time grows with m.
   "auto": picked per backend (the platform of x's devices, else `jax.default_backend()`):
-    cpu -> "map". Measured with benchmarks/ensemble_eval.py (ResNet-20, 2 cores shared with other
-      jobs, so noisy): "map" was within noise of the baseline of calling a jitted single model m
-      times in every run (median ratio 0.80-1.20x; 1.02x on the quietest run, M=5, batch 256) and
-      its best time was never worse; "loop" matched it at M=5, batch 256 but was 0.6-0.9x at M=2,
-      batch 64 (cause not investigated) and compiles 2-3x longer; "vmap" was 0.14-0.30x and
-      chunked "map" 0.22-0.41x.
+    cpu -> "map". It kept up with the baseline of calling a jitted single model m times in every
+      run, at every batch size tried; "loop" fell behind it at a small batch and compiles longer;
+      "vmap" and chunked "map" were several times slower.
     gpu/tpu -> "map". Not measured (no accelerator here); reasoning: "map" runs exactly the
       single-model kernels m times, so apart from a device-side loop counter it costs what the
       per-snapshot baseline costs, keeps one member's activations in memory and compiles once
@@ -27,6 +24,7 @@ Strategies (how the m members are evaluated inside the one program):
       faster on an accelerator when one member does not fill the device (small model or batch),
       since grouped convolutions are native on TPU and in cuDNN, but that depends on the model, is
       unmeasured, and needs m times the activation memory, so it stays opt-in.
+  measured: see benchmarks/README.md (python benchmarks/ensemble_eval.py).
 """
 import functools
 import numbers
@@ -49,7 +47,27 @@ def _path_str(path) -> str:
 
 
 def stack_snapshots(snapshots: Sequence[PyTree]) -> PyTree:
-  """Stacks M snapshot pytrees along a new leading axis: every leaf becomes (M, *leaf.shape)."""
+  """Stacks M snapshot pytrees into one pytree with a leading snapshot axis, for `ensemble_predict`.
+
+  Args:
+    snapshots: The M snapshots, oldest first, each a pytree of arrays (e.g. ``{'params': ...,
+      'batch_stats': ...}``) with the same structure, leaf shapes and dtypes.
+
+  Returns:
+    A pytree of the same structure whose every leaf is the M leaves stacked, of shape
+    ``(M, *leaf.shape)``.
+
+  Raises:
+    ValueError: If ``snapshots`` is empty, the first has no array leaves, or any snapshot differs from
+      the first in structure, leaf shape or leaf dtype (the message names the leaf).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import snapjax
+    >>> stacked = snapjax.stack_snapshots([{"w": jnp.zeros((2, 3))}, {"w": jnp.ones((2, 3))}])
+    >>> stacked["w"].shape
+    (2, 2, 3)
+  """
   snapshots = list(snapshots)
   if not snapshots:
     raise ValueError("snapshots must be a non-empty sequence of pytrees, got an empty sequence")
@@ -103,7 +121,30 @@ def _platform(x: Any) -> str:
 
 
 def resolve_strategy(strategy: str, x: Any = None) -> str:
-  """Returns the concrete strategy ("vmap", "map" or "loop") that `strategy` means for input x."""
+  """Returns the concrete strategy that `ensemble_predict` runs for ``strategy`` and input ``x``.
+
+  ``"vmap"``, ``"map"`` and ``"loop"`` are returned as given; ``"auto"`` becomes ``"map"`` on every
+  backend (the platform of the first concrete ``jax.Array`` in ``x``, else ``jax.default_backend()``);
+  the module docstring gives the reasons.
+
+  Args:
+    strategy: One of ``"auto"``, ``"vmap"``, ``"map"``, ``"loop"``.
+    x: The input pytree, used only to find the backend for ``"auto"``.
+
+  Returns:
+    ``"vmap"``, ``"map"`` or ``"loop"``.
+
+  Raises:
+    ValueError: If ``strategy`` is not one of the four.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from snapjax.ensemble import resolve_strategy
+    >>> resolve_strategy("auto", jnp.zeros((4, 2)))
+    'map'
+    >>> resolve_strategy("loop")
+    'loop'
+  """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
   if strategy != "auto":
@@ -143,7 +184,52 @@ def _ensemble(apply_fn, stacked, x, *, last_m, strategy, chunk_size, return_memb
 def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int | None = None,
                      strategy: str = "auto", chunk_size: int | None = None,
                      return_members: bool = False):
-  """Mean softmax (float32, (batch, classes)) of the last `last_m` stacked snapshots on x."""
+  """The snapshot ensemble's prediction: the mean softmax of the last ``last_m`` snapshots on ``x``.
+
+  Computes ``1/m * sum_{i=0}^{m-1} softmax(apply_fn(snapshot_{M-i}, x))`` in float32, with ``m =
+  last_m``, as one jitted program per (apply_fn, input shapes, last_m, strategy, chunk_size,
+  return_members); the slice to the last m snapshots happens inside it, on the device.
+
+  Args:
+    apply_fn: ``apply_fn(variables, x) -> logits`` of shape ``(batch, classes)`` for one snapshot's
+      variables (a ``stacked`` entry without its leading axis). It is a static argument of the jit, so
+      it must be hashable, and passing the same object on every call avoids recompiling (a new lambda
+      or ``functools.partial`` per call compiles each time).
+    stacked: The M snapshots from `stack_snapshots`, every leaf of shape ``(M, ...)``.
+    x: The input batch, passed to ``apply_fn`` as is (an array or a pytree).
+    last_m: How many of the newest snapshots to average, an int in ``[1, M]``; ``None`` means all M.
+    strategy: How the members run: ``"map"`` (``jax.lax.map``, one member at a time), ``"vmap"``,
+      ``"loop"`` (unrolled), or ``"auto"`` (see `resolve_strategy`); the module docstring compares them.
+    chunk_size: For ``"map"`` only, members vmapped per step (capped at ``last_m``); ignored by the
+      other strategies; ``None`` means one at a time.
+    return_members: Also return every member's softmax.
+
+  Returns:
+    The mean softmax, float32 of shape ``(batch, classes)``; with ``return_members``, the tuple
+    ``(mean, members)`` where ``members`` is float32 of shape ``(last_m, batch, classes)``, oldest first.
+
+  Raises:
+    ValueError: If ``apply_fn`` is not callable or not hashable, ``strategy`` is unknown, ``last_m`` or
+      ``chunk_size`` is out of range, the leaves of ``stacked`` disagree on M or are scalars, or
+      ``apply_fn`` does not return 2-D logits.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import snapjax
+    >>> def apply_fn(variables, x):
+    ...   return x @ variables["w"]
+    >>> stacked = snapjax.stack_snapshots([{"w": k * jnp.eye(2)} for k in (1.0, 2.0, 3.0)])
+    >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+    >>> probs = snapjax.ensemble_predict(apply_fn, stacked, x, last_m=2)
+    >>> probs.shape, probs.dtype
+    ((2, 2), dtype('float32'))
+    >>> np.asarray(probs, np.float64).round(3).tolist()
+    [[0.917, 0.083], [0.01, 0.99]]
+    >>> mean, members = snapjax.ensemble_predict(apply_fn, stacked, x, last_m=2, return_members=True)
+    >>> members.shape
+    (2, 2, 2)
+  """
   if not callable(apply_fn):
     raise ValueError(f"apply_fn must be callable as apply_fn(variables, x), got {apply_fn!r}")
   try:
@@ -168,7 +254,27 @@ def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int 
 
 
 class Counts(NamedTuple):
-  """Per-batch sums that add up exactly over a test set: errors, total NLL, counted examples."""
+  """Per-batch metric sums that merge over a test set into its error rate and mean NLL.
+
+  Made by `counts`. Masked (padding) examples count nowhere, so merging the counts of every batch gives
+  the metrics of the test set itself; the two counts are exact int32, ``sum_nll`` is a float32 sum.
+
+  Attributes:
+    num_errors: The number of counted examples whose argmax differs from the label, int32 scalar.
+    sum_nll: The sum of ``-log p(label)`` over the counted examples, float32 scalar.
+    num_examples: The number of counted examples, int32 scalar.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import snapjax
+    >>> probs = jnp.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    >>> labels = jnp.array([0, 0, 1])
+    >>> total = snapjax.counts(probs[:2], labels[:2]).merge(snapjax.counts(probs[2:], labels[2:]))
+    >>> int(total.num_errors), int(total.num_examples)
+    (2, 3)
+    >>> round(float(total.error_rate()), 4), round(float(total.nll()), 4)
+    (0.6667, 0.877)
+  """
   num_errors: jax.Array
   sum_nll: jax.Array
   num_examples: jax.Array
@@ -197,7 +303,30 @@ def _check_metric_args(probs_BxC, labels_B, mask_B) -> None:
 
 
 def counts(probs_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array | None = None) -> Counts:
-  """Errors (argmax != label), summed NLL and number of examples where mask_B != 0 (all if None)."""
+  """The `Counts` of one batch: errors, summed NLL and number of the examples that ``mask_B`` keeps.
+
+  An example counts where ``mask_B != 0`` (every example if ``mask_B`` is None). It is an error when
+  ``argmax(probs_BxC) != label``; its NLL is ``-log(max(p_label, 1e-12))``, computed in float32.
+
+  Args:
+    probs_BxC: Class probabilities of shape ``(batch, classes)``, e.g. from `ensemble_predict`.
+    labels_B: Integer labels in ``[0, classes)``, of shape ``(batch,)``.
+    mask_B: ``None``, or shape ``(batch,)`` with 0 at examples to leave out (e.g. batch padding).
+
+  Returns:
+    A `Counts`; merge them over batches with `Counts.merge`.
+
+  Raises:
+    ValueError: If the shapes are not ``(batch, classes)``, ``(batch,)`` and ``(batch,)`` or ``None``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import snapjax
+    >>> probs = jnp.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    >>> c = snapjax.counts(probs, jnp.array([0, 0, 1]), mask_B=jnp.array([1, 1, 0]))
+    >>> int(c.num_errors), int(c.num_examples), round(float(c.sum_nll), 4)
+    (1, 2, 1.7148)
+  """
   _check_metric_args(probs_BxC, labels_B, mask_B)
   probs_BxC = jnp.asarray(probs_BxC).astype(jnp.float32)
   labels_B = jnp.asarray(labels_B).astype(jnp.int32)
@@ -212,10 +341,53 @@ def counts(probs_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array | None =
 
 
 def error_rate(probs_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array | None = None) -> jax.Array:
-  """Fraction of (unmasked) examples whose argmax differs from the label; float32 scalar."""
+  """The fraction of the examples ``mask_B`` keeps whose argmax differs from the label.
+
+  Args:
+    probs_BxC: Class probabilities of shape ``(batch, classes)``.
+    labels_B: Integer labels in ``[0, classes)``, of shape ``(batch,)``.
+    mask_B: ``None`` (count every example), or shape ``(batch,)`` with 0 at examples to leave out.
+
+  Returns:
+    A float32 scalar in ``[0, 1]``; nan when no example counts.
+
+  Raises:
+    ValueError: On the shapes `counts` rejects.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import snapjax
+    >>> probs = jnp.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    >>> labels = jnp.array([0, 0, 1])
+    >>> round(float(snapjax.error_rate(probs, labels)), 4)
+    0.6667
+    >>> round(float(snapjax.error_rate(probs, labels, mask_B=jnp.array([1, 1, 0]))), 4)
+    0.5
+  """
   return counts(probs_BxC, labels_B, mask_B).error_rate().astype(jnp.float32)
 
 
 def nll(probs_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array | None = None) -> jax.Array:
-  """Mean negative log-likelihood of the labels over (unmasked) examples; float32 scalar."""
+  """The mean negative log-likelihood ``-log p(label)`` over the examples ``mask_B`` keeps.
+
+  Probabilities are clipped to at least 1e-12 first, so a zero probability costs about 27.6.
+
+  Args:
+    probs_BxC: Class probabilities of shape ``(batch, classes)``.
+    labels_B: Integer labels in ``[0, classes)``, of shape ``(batch,)``.
+    mask_B: ``None`` (count every example), or shape ``(batch,)`` with 0 at examples to leave out.
+
+  Returns:
+    A float32 scalar; nan when no example counts.
+
+  Raises:
+    ValueError: On the shapes `counts` rejects.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import snapjax
+    >>> probs = jnp.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    >>> round(float(snapjax.nll(probs, jnp.array([0, 0, 1]))), 4)
+    0.877
+  """
   return counts(probs_BxC, labels_B, mask_B).nll().astype(jnp.float32)

@@ -73,7 +73,39 @@ def _as_count(count: Any) -> int | jnp.ndarray:
 
 
 def snapshot_schedule(init_value: float, total_steps: int, num_cycles: int) -> optax.Schedule:
-  """Paper Eq. 2: init_value/2 * (cos(pi * (c mod L) / L) + 1), L = ceil(total_steps/num_cycles)."""
+  """The paper's cyclic cosine learning rate (Eq. 2) as an optax schedule.
+
+  The budget of ``total_steps`` updates is cut into ``num_cycles`` cycles of ``L = ceil(total_steps /
+  num_cycles)`` updates (the last one may be shorter). With ``t = c + 1`` for the 0-based update count
+  ``c``, the rate is Eq. 2 of Huang et al. (2017)::
+
+    alpha(t) = init_value / 2 * (cos(pi * mod(t - 1, L) / L) + 1)
+
+  so each cycle starts at ``init_value`` and ends just above 0, where a snapshot is taken (see
+  `snapshot_steps`). It is evaluated in float32 as ``init_value * sin(pi * (L - mod(c, L)) / (2 L))**2``,
+  the same value without cancellation near the end of a cycle. Counts past ``total_steps`` keep cycling.
+
+  Args:
+    init_value: The rate at the start of every cycle (alpha0), a finite number > 0.
+    total_steps: The number of updates in the budget (T), an integer in ``[num_cycles, 2**31 - 1]``.
+    num_cycles: The number of cycles (M), an integer >= 1.
+
+  Returns:
+    A schedule mapping an integer update count (a Python int or an integer array, traced or not) to
+    the float32 rate; it raises ``TypeError`` for a non-integer count.
+
+  Raises:
+    ValueError: If ``init_value`` is not a finite number > 0, ``num_cycles`` or ``total_steps`` is not
+      an integer in range, or the cycles of ``L`` updates use up the budget before the last one starts.
+
+  Examples:
+    >>> import optax
+    >>> import snapjax
+    >>> schedule = snapjax.snapshot_schedule(0.1, total_steps=6, num_cycles=2)
+    >>> [round(float(schedule(c)), 4) for c in range(6)]
+    [0.1, 0.075, 0.025, 0.1, 0.075, 0.025]
+    >>> tx = optax.sgd(schedule, momentum=0.9, nesterov=True)
+  """
   init_value = _check_positive("init_value", init_value)
   total_steps, num_cycles, length = _cycle_length(total_steps, num_cycles)
 
@@ -93,16 +125,55 @@ def snapshot_schedule(init_value: float, total_steps: int, num_cycles: int) -> o
 
 
 def snapshot_steps(total_steps: int, num_cycles: int) -> list[int]:
-  """Update numbers (1-based) after which each of the num_cycles snapshots is taken."""
+  """The update numbers after which the snapshots of `snapshot_schedule` are taken.
+
+  Snapshot ``k`` is taken at the end of cycle ``k``, after update ``min(k * L, total_steps)`` (1-based),
+  with ``L = ceil(total_steps / num_cycles)``, so the last one is always taken after the final update.
+
+  Args:
+    total_steps: The number of updates in the budget, an integer in ``[num_cycles, 2**31 - 1]``.
+    num_cycles: The number of cycles, hence of snapshots, an integer >= 1.
+
+  Returns:
+    A list of ``num_cycles`` increasing Python ints, the last being ``total_steps``.
+
+  Raises:
+    ValueError: On the same arguments as `snapshot_schedule`.
+
+  Examples:
+    >>> import snapjax
+    >>> snapjax.snapshot_steps(total_steps=10, num_cycles=3)
+    [4, 8, 10]
+  """
   total_steps, num_cycles, length = _cycle_length(total_steps, num_cycles)
   return [min(k * length, total_steps) for k in range(1, num_cycles + 1)]
 
 
 def step_schedule(init_value: float, total_steps: int) -> optax.Schedule:
-  """Single-model baseline: init_value, 0.1x once c >= total/2, 0.01x once c >= 3*total/4.
+  """The paper's single-model baseline: a step schedule dropping 10x at 50% and 75% of the budget.
 
-  With c the 0-based update count, the first count at 0.1x is ceil(total_steps / 2) and the first
-  at 0.01x is ceil(3 * total_steps / 4), i.e. a rate drops once that fraction of updates is done.
+  With ``c`` the 0-based update count, the rate is ``init_value`` while ``c < ceil(total_steps / 2)``,
+  ``0.1 * init_value`` while ``c < ceil(3 * total_steps / 4)`` and ``0.01 * init_value`` after, i.e. it
+  drops once that fraction of the updates is done.
+
+  Args:
+    init_value: The initial rate, a finite number > 0.
+    total_steps: The number of updates in the budget, an integer in ``[4, 2**31 - 1]`` (so each of the
+      three phases gets at least one update).
+
+  Returns:
+    A schedule mapping an integer update count to the float32 rate; it raises ``TypeError`` for a
+    non-integer count.
+
+  Raises:
+    ValueError: If ``init_value`` is not a finite number > 0 or ``total_steps`` is not an integer in
+      range.
+
+  Examples:
+    >>> import snapjax
+    >>> schedule = snapjax.step_schedule(0.1, total_steps=8)
+    >>> [round(float(schedule(c)), 4) for c in range(8)]
+    [0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
   """
   init_value = _check_positive("init_value", init_value)
   total_steps = _check_budget(total_steps, 4)  # each of the three phases gets >= 1 update
@@ -119,7 +190,27 @@ def step_schedule(init_value: float, total_steps: int) -> optax.Schedule:
 
 
 def nocycle_snapshot_steps(total_steps: int, num_snapshots: int) -> list[int]:
-  """NoCycle baseline: update numbers floor(k * total_steps / num_snapshots), k = 1..num_snapshots."""
+  """Snapshot steps of the paper's NoCycle baseline: evenly spaced along one non-cyclic run.
+
+  Snapshot ``k`` (1-based) is taken after update ``floor(k * total_steps / num_snapshots)``, for
+  ``k = 1..num_snapshots``; the last one after the final update.
+
+  Args:
+    total_steps: The number of updates in the run, an integer >= ``num_snapshots``.
+    num_snapshots: The number of snapshots, an integer >= 1.
+
+  Returns:
+    A list of ``num_snapshots`` increasing Python ints, the last being ``total_steps``.
+
+  Raises:
+    ValueError: If ``num_snapshots`` is not an integer >= 1 or ``total_steps`` is not an integer
+      >= ``num_snapshots``.
+
+  Examples:
+    >>> import snapjax
+    >>> snapjax.nocycle_snapshot_steps(total_steps=10, num_snapshots=3)
+    [3, 6, 10]
+  """
   num_snapshots = _check_int("num_snapshots", num_snapshots, 1)
   total_steps = _check_int("total_steps", total_steps, 1)
   if total_steps < num_snapshots:
@@ -129,7 +220,29 @@ def nocycle_snapshot_steps(total_steps: int, num_snapshots: int) -> list[int]:
 
 
 def steps_for_epochs(num_epochs: float, steps_per_epoch: int) -> int:
-  """Update steps in num_epochs epochs: num_epochs * steps_per_epoch rounded half up, at least 1."""
+  """The number of updates in ``num_epochs`` epochs of ``steps_per_epoch`` updates.
+
+  Computes ``num_epochs * steps_per_epoch`` in exact rational arithmetic (``num_epochs`` taken at its
+  exact binary value), rounds half up and returns at least 1.
+
+  Args:
+    num_epochs: The number of epochs, a finite number > 0; it may be fractional.
+    steps_per_epoch: The updates per epoch, an integer >= 1.
+
+  Returns:
+    The number of updates, a Python int >= 1.
+
+  Raises:
+    ValueError: If ``num_epochs`` is not a finite number > 0 or ``steps_per_epoch`` is not an integer
+      >= 1.
+
+  Examples:
+    >>> import snapjax
+    >>> snapjax.steps_for_epochs(2.5, steps_per_epoch=3)
+    8
+    >>> snapjax.steps_for_epochs(0.1, steps_per_epoch=3)
+    1
+  """
   num_epochs = _check_positive("num_epochs", num_epochs)
   steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
   # Exact rational arithmetic: integer epochs give exact products, halves round up deterministically.

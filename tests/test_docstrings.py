@@ -1,0 +1,26 @@
+"""The docstring examples of the public API run and print what they claim, so a stale one fails CI."""
+import doctest
+
+import pytest
+
+from snapjax import ensemble, schedules
+
+# Every public function (and Counts) documents itself with an `Examples:` section; the totals are the
+# `>>>` lines written, so deleting examples fails here too.
+DOCUMENTED = {
+    schedules: (("snapshot_schedule", "snapshot_steps", "step_schedule", "nocycle_snapshot_steps",
+                 "steps_for_epochs"), 15),
+    ensemble: (("stack_snapshots", "ensemble_predict", "resolve_strategy", "counts", "error_rate", "nll",
+                "Counts"), 41),
+}
+
+
+@pytest.mark.parametrize("module", list(DOCUMENTED), ids=lambda m: m.__name__)
+def test_docstring_examples_run(module):
+  names, num_examples = DOCUMENTED[module]
+  found = {t.name.rsplit(".", 1)[-1]: t for t in doctest.DocTestFinder().find(module) if t.examples}
+  for name in names:
+    assert name in found and "Examples:" in getattr(module, name).__doc__, f"{name} lacks examples"
+  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.failed == 0
+  assert result.attempted >= num_examples
