@@ -18,16 +18,13 @@ def main(argv):
   cli.setup_logging()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
-  from snapjax import evaluation
+  from snapjax import evaluation, report as report_lib
   overrides = {"data_dir": FLAGS.data_dir, "fashion_mnist_dir": FLAGS.fashion_mnist_dir,
                "tiny_imagenet_dir": FLAGS.tiny_imagenet_dir}
   report = cli.run_guarded(lambda: evaluation.evaluate_runs(
       FLAGS.workdir, last_m=FLAGS.last_m, out_dir=FLAGS.out_dir, data_overrides=overrides,
       eval_batch_size=FLAGS.eval_batch_size))
-  best = min(s["error"] for s in report["snapshots"])
-  ens = report["ensemble"]
-  print(f"best single snapshot error {100 * best:.2f}% | ensemble of last {ens['m']} error "
-        f"{100 * ens['error']:.2f}%, NLL {ens['nll']:.4f} | {report['num_test_examples']} test examples")
+  print(report_lib.summary(report))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation for
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
+def run(argv, hooks=None):
+  """train.py's work; returns the TrainResult. hooks (snapjax.training.Hooks): for tools such as test probes."""
   cli.setup_logging()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> to override config fields")
@@ -23,7 +24,11 @@ def main(argv):
   cli.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                    FLAGS.cpu_collectives)
   from snapjax import training
-  cli.run_guarded(lambda: training.main(config, FLAGS.workdir, fresh=FLAGS.fresh))
+  return cli.run_guarded(lambda: training.main(config, FLAGS.workdir, fresh=FLAGS.fresh, hooks=hooks))
+
+
+def main(argv):
+  run(argv)  # absl exits with main's return value: return nothing.
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
-"""Orbax persistence of a run: the train state (for resuming), every snapshot, and the run's config."""
-import json
+"""Orbax persistence of a run: the train state (for resuming) and every snapshot, with checksums."""
 import os
 import zlib
 from typing import Any
@@ -10,20 +9,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from snapjax.errors import CheckpointError
+from snapjax.workdir import run_path
 
 STATE_DIR = "state"
 SNAPSHOT_DIR = "snapshots"
-CONFIG_FILE = "config.json"
-# Fields that may change between the runs of one workdir: they do not change what is trained.
-MUTABLE_FIELDS = frozenset({
-    "data_dir", "fashion_mnist_dir", "tiny_imagenet_dir", "eval_batch_size", "log_every_steps",
-    "checkpoint_every_steps", "eval_snapshots"})
-
-
-def run_path(path: str | os.PathLike) -> epath.Path:
-  """A workdir path: local (made absolute) or a bucket URL such as gs://bucket/run (Cloud TPU)."""
-  path = os.fspath(path)
-  return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def _manager(path: epath.Path, *, max_to_keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
@@ -131,38 +120,3 @@ def array_checksums(tree: Any) -> dict[str, str]:
     array = np.ascontiguousarray(np.asarray(leaf))
     out[jax.tree_util.keystr(path)] = f"{zlib.crc32(array.view(np.uint8).reshape(-1)):08x}"
   return out
-
-
-def read_config(workdir: str) -> dict[str, Any] | None:
-  """The config a workdir was trained with, or None if it has none.
-
-  Fields added to snapjax after the run was made take their defaults, which keep the old behaviour.
-  """
-  from snapjax import config as config_lib
-  path = run_path(workdir) / CONFIG_FILE
-  if not path.exists():
-    return None
-  try:
-    saved = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path} is unreadable ({e}); it records the run's config") from e
-  if not isinstance(saved, dict):
-    raise CheckpointError(f"{path} does not hold a config (a JSON object); it records the run's config")
-  return {**config_lib.base_config().to_dict(), **saved}
-
-
-def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """Fields (other than MUTABLE_FIELDS) whose values differ between two configs."""
-  keys = (set(saved) | set(new)) - MUTABLE_FIELDS
-  return sorted(k for k in keys if saved.get(k) != new.get(k))
-
-
-def write_config(workdir: str, config: dict[str, Any]) -> None:
-  """Write config.json atomically (main process only)."""
-  if jax.process_index() != 0:
-    return
-  root = run_path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
-  tmp = root / (CONFIG_FILE + ".tmp")
-  tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-  tmp.replace(root / CONFIG_FILE)

@@ -2,11 +2,19 @@
 import math
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
 # Allowed values of the string-valued fields; models and datasets are checked against their registries.
 SCHEDULES = ("cosine_cycles", "step")
-DTYPES = ("float32", "bfloat16")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # Field value -> compute dtype (params stay float32).
+AUGMENTS = ("", "crop_flip", "none")
+# Fields that may change when a run resumes in its workdir: they do not change what is trained.
+MUTABLE_ON_RESUME = frozenset({
+    "data_dir", "fashion_mnist_dir", "tiny_imagenet_dir", "eval_batch_size", "log_every_steps",
+    "checkpoint_every_steps", "eval_snapshots"})
+# Fields that must agree between runs whose snapshots eval.py ensembles together (one architecture, one input).
+SAME_ACROSS_RUNS = ("model", "dataset", "dtype", "stem_stride", "image_size")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -68,6 +76,37 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return config.to_dict()
 
 
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config with the fields added to snapjax since it was written, at defaults that keep its behaviour."""
+  return {**base_config().to_dict(), **saved}
+
+
+def resume_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """Fields (other than MUTABLE_ON_RESUME) whose values differ: a run of `new` cannot resume a run of `saved`."""
+  keys = (set(saved) | set(new)) - MUTABLE_ON_RESUME
+  return sorted(k for k in keys if saved.get(k) != new.get(k))
+
+
+def ensemble_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+  """SAME_ACROSS_RUNS fields that differ: the snapshots of runs `a` and `b` cannot be ensembled together."""
+  return [k for k in SAME_ACROSS_RUNS if a.get(k) != b.get(k)]
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  """The dtype the model computes in (its parameters stay float32)."""
+  return DTYPES[config.dtype]
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Keyword arguments of snapjax.models.get for this config (only the options a model needs to accept)."""
+  kwargs = {"dtype": compute_dtype(config)}
+  if config.stem_stride != 1:
+    kwargs["stem_stride"] = config.stem_stride
+  if config.dropout_rate:
+    kwargs["dropout_rate"] = config.dropout_rate
+  return kwargs
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raise ConfigError (one line, names the field and allowed values) for any bad field."""
   from snapjax import data, models  # Imported here: registries are only needed for the check.
@@ -87,7 +126,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.train_split and not data.DATASETS[config.dataset].in_memory:
     raise ConfigError(f"train_split={config.train_split!r} is only supported for in-memory datasets; "
                       f"{config.dataset} is streamed: leave train_split empty")
-  if config.augment not in ("", "crop_flip", "none") or (config.augment and not data.DATASETS[config.dataset].in_memory):
+  if config.augment not in AUGMENTS or (config.augment and not data.DATASETS[config.dataset].in_memory):
     raise ConfigError(f"augment={config.augment!r} is not allowed for {config.dataset}; allowed: '' (the dataset's "
                       f"own){', crop_flip, none' if data.DATASETS[config.dataset].in_memory else ''}")
   if config.schedule not in SCHEDULES:

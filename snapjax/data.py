@@ -473,6 +473,16 @@ def eval_batches(
 
 # ----------------------------------------------------------------------------- streaming
 
+def derive_seed(*parts: int) -> int:
+  """A 63-bit seed mixed from non-negative ints (NumPy's SeedSequence hash).
+
+  Distinct tuples give unrelated seeds, unlike sums such as seed + step, where seed 0 resumed at step 1
+  would read the stream of seed 1.
+  """
+  hi, lo = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+  return (int(hi) << 31) ^ int(lo)
+
+
 def _host_split_sizes(builder: Any, split: str, count: int) -> list[int] | None:
   """Examples per host of `split`, or None when TFDS does not know them (e.g. under mock_data)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -531,7 +541,7 @@ def make_stream(
     return {"image": image, "label": tf.cast(label, tf.int32), "mask": tf.cast(mask, tf.float32)}
 
   def train_example(i, ex):
-    key = tf.cast(seed, tf.int64) * 65_536 + index
+    key = tf.constant(derive_seed(seed, index, 0), tf.int64)
     shape = tf.image.extract_jpeg_shape(ex["image"])
     begin, box_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=tf.stack([key, 2 * i]),
@@ -554,7 +564,7 @@ def make_stream(
     return finish(image, ex["label"], 1.0)
 
   if train:
-    ds = ds.shuffle(shuffle_buffer, seed=seed + index, reshuffle_each_iteration=True).repeat()
+    ds = ds.shuffle(shuffle_buffer, seed=derive_seed(seed, index, 1), reshuffle_each_iteration=True).repeat()
     ds = ds.enumerate().map(train_example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size_per_host, drop_remainder=True)
   else:

@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
   """A workdir or snapshot cannot be used (missing, corrupt, or from another run)."""
+
+
+class WorkdirLockedError(UserError):
+  """Another live training run holds the workdir's lock (snapjax.workdir_lock)."""

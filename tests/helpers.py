@@ -133,3 +133,11 @@ def launch(argvs: list[list[str]], env: dict[str, str], log_dir: str, timeout: f
                                          f"exited with {procs[i].returncode}") + ":\n" + outputs[i][-3000:]
       for i in failed)
   return [p.pid for p in procs], outputs
+
+
+def snapshot_arrays(workdir: str) -> dict:
+  """{step: variables as NumPy} of every committed snapshot of a workdir, read back from disk as eval.py does."""
+  import jax
+  from snapjax import evaluation, experiment
+  exp = experiment.build(evaluation.load_run_config(workdir))
+  return {m.step: jax.tree.map(np.asarray, m.variables) for m in evaluation.restore_members([workdir], exp)}

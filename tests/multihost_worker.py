@@ -3,7 +3,7 @@
 Probes, set by environment variables (all optional):
   SNAPJAX_WORKER_REPORT=path   write a JSON report (per process: path + ".<process index>") at exit: the rows of
                                each training array this process materialised, its addressable shards, the result.
-  SNAPJAX_WORKER_STOP_AT=k     preempt at step k (as the in-process tests do by patching _Preemption.should_stop).
+  SNAPJAX_WORKER_STOP_AT=k     preempt at step k (training.Hooks.stop_at, as the in-process tests do).
   SNAPJAX_WORKER_SIGTERM_AT=k:i send SIGTERM to process i itself at step k (a real preemption notice, one host).
   SNAPJAX_WORKER_AGREE_EVERY=n  hosts compare their preemption flags every n steps (when the JAX service is off).
   SNAPJAX_WORKER_RESTORED=path save the restored train state (this process's copy) to path + ".npz".
@@ -25,14 +25,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import train  # noqa: E402
-from snapjax import checkpoints, cli, training  # noqa: E402
+from snapjax import cli, experiment, training  # noqa: E402
 
 _records: list[dict] = []
 _result: dict = {}
 
 
 def _install_probes() -> None:
-  """Spy on the host->device placement of the training arrays, and optionally on preemption and restore."""
+  """Spy on the host->device placement of the training arrays (a public JAX function, wrapped)."""
   original_callback = jax.make_array_from_callback
 
   def make_array_from_callback(shape, sharding, callback, *args, **kwargs):
@@ -52,72 +52,53 @@ def _install_probes() -> None:
 
   jax.make_array_from_callback = make_array_from_callback
 
+
+def _hooks() -> training.Hooks:
+  """The probes that the environment asks for, as training hooks."""
+  hooks = training.Hooks()
   stop_at = os.environ.get("SNAPJAX_WORKER_STOP_AT")
-  if stop_at:
-    training._Preemption.should_stop = lambda self, step: step == int(stop_at)
-
   sigterm_at = os.environ.get("SNAPJAX_WORKER_SIGTERM_AT")
-  if sigterm_at:
+  if stop_at:
+    hooks.stop_at = lambda step: step == int(stop_at)
+  elif sigterm_at:
     step_k, process_i = map(int, sigterm_at.split(":"))
-    original_should_stop = training._Preemption.should_stop
 
-    def should_stop(self, step):
+    def sigterm(step):
       if step == step_k and jax.process_index() == process_i:
         os.kill(os.getpid(), signal.SIGTERM)
-      return original_should_stop(self, step)
+      return False
 
-    training._Preemption.should_stop = should_stop
-
+    hooks.stop_at = sigterm
   agree_every = os.environ.get("SNAPJAX_WORKER_AGREE_EVERY")
   if agree_every:
-    training._Preemption.AGREE_EVERY = int(agree_every)
-
+    hooks.agree_every = int(agree_every)
   restored_path = os.environ.get("SNAPJAX_WORKER_RESTORED")
   if restored_path:
-    original_restore = checkpoints.RunCheckpoints.restore_state
-
-    def restore_state(self, step, abstract_state):
-      state = original_restore(self, step, abstract_state)
-      _dump(restored_path, state)
-      return state
-
-    checkpoints.RunCheckpoints.restore_state = restore_state
-
+    hooks.on_state_restored = lambda step, state: _dump(restored_path, state)
   saved_path = os.environ.get("SNAPJAX_WORKER_SAVED")
   if saved_path:
-    original_save = checkpoints.RunCheckpoints.save_state
 
-    def save_state(self, step, state):
+    def saved(step, state):
       if jax.process_index() == 0:  # One writer: every process holds the same replicated state.
         _dump(f"{saved_path}.{step}", state)
-      return original_save(self, step, state)
 
-    checkpoints.RunCheckpoints.save_state = save_state
-
+    hooks.on_state_saved = saved
   perturb = os.environ.get("SNAPJAX_WORKER_PERTURB_ULPS")
   if perturb:
-    original_init = training.init_state
+    hooks.on_init = lambda state: _perturb(state, int(perturb))
+  return hooks
 
-    def init_state(*args, **kwargs):
-      state = original_init(*args, **kwargs)
-      leaves, treedef = jax.tree.flatten(state["params"])
-      keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
-      moved = []
-      for key, p in zip(keys, leaves):
-        for _ in range(int(perturb)):
-          p = jnp.nextafter(p, jnp.where(jax.random.bernoulli(key, 0.5, p.shape), jnp.inf, -jnp.inf).astype(p.dtype))
-        moved.append(p)
-      return {**state, "params": jax.tree.unflatten(treedef, moved)}
 
-    training.init_state = init_state
-
-  original_main = training.main
-
-  def main(*args, **kwargs):
-    _result.update(original_main(*args, **kwargs))
-    return _result
-
-  training.main = main
+def _perturb(state, ulps: int):
+  """Every parameter moved `ulps` float32 ulps up or down (random signs, seed 0)."""
+  leaves, treedef = jax.tree.flatten(state["params"])
+  keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+  moved = []
+  for key, p in zip(keys, leaves):
+    for _ in range(ulps):
+      p = jnp.nextafter(p, jnp.where(jax.random.bernoulli(key, 0.5, p.shape), jnp.inf, -jnp.inf).astype(p.dtype))
+    moved.append(p)
+  return {**state, "params": jax.tree.unflatten(treedef, moved)}
 
 
 def _dump(path: str, state) -> None:
@@ -132,7 +113,7 @@ def _write_report() -> None:
     return
   report = {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "device_ids": [d.id for d in jax.devices()], "local_device_ids": [d.id for d in jax.local_devices()],
-            "mesh_device_ids": [d.id for d in training.make_mesh().devices.flat],
+            "mesh_device_ids": [d.id for d in experiment.make_mesh().devices.flat],
             "arrays": _records, "result": _result}
   with open(f"{path}.{jax.process_index()}", "w") as f:
     json.dump(report, f)
@@ -140,7 +121,7 @@ def _write_report() -> None:
 
 def main(argv):
   try:
-    train.main(argv)
+    _result.update(train.run(argv, hooks=_hooks()).to_dict())
   finally:
     _write_report()
 

@@ -22,7 +22,7 @@ from snapjax import checkpoints, evaluation, training
 from snapjax.errors import CheckpointError
 
 import helpers
-from helpers import tiny_config
+from helpers import snapshot_arrays, tiny_config
 
 pytestmark = pytest.mark.devices(4)  # In-process runs and references use conftest's 4 CPU devices.
 
@@ -80,15 +80,7 @@ def reference(tiny_data, tmp_path_factory):
   """One uninterrupted in-process run: (workdir, result, {step: snapshot leaves})."""
   workdir = str(tmp_path_factory.mktemp("reference"))
   result = training.train_and_evaluate(tiny_config(tiny_data), workdir)
-  return workdir, result, _snapshot_arrays(workdir)
-
-
-def _snapshot_arrays(workdir):
-  """Every committed snapshot of a workdir, read back from disk as numpy leaves."""
-  config = evaluation.load_run_config(workdir)
-  model = training.make_model(config, 10)
-  members = evaluation.restore_members([workdir], model, (28, 28, 1), training.make_mesh())
-  return {m.step: jax.tree.map(np.asarray, m.variables) for m in members}
+  return workdir, result, snapshot_arrays(workdir)
 
 
 def _assert_bitwise_equal(got, want):
@@ -222,7 +214,7 @@ def test_sigkill_mid_cycle_and_at_snapshot_save_resumes_to_identical_snapshots(r
   assert min(r.steps_logged()) == resumed_from + 1  # It resumed; it did not start again.
   _assert_clean_snapshots(workdir, SNAPS)
   assert not [n for n in _listing(workdir, "state") if not n.isdigit()]
-  _assert_bitwise_equal(_snapshot_arrays(workdir), reference[2])
+  _assert_bitwise_equal(snapshot_arrays(workdir), reference[2])
 
 
 @pytest.mark.slow
@@ -246,12 +238,12 @@ def test_sigkill_at_orbax_commit_points_resumes_to_identical_snapshots(reference
   assert _committed_states(workdir) == [20, 30]
 
   # 2. Resumes at 30, keeps snapshot 32 as it is, commits state 32, then dies while max_to_keep deletes state 20.
-  snap32 = _snapshot_arrays(workdir)
+  snap32 = snapshot_arrays(workdir)
   r = run_until_fault("mid_delete:state")
   assert min(r.steps_logged()) == 31
   assert _committed_states(workdir) == [20, 30, 32]  # 20 is half deleted; orbax still lists it.
   assert not os.path.exists(os.path.join(workdir, "state", "20", "_CHECKPOINT_METADATA"))
-  _assert_bitwise_equal(_snapshot_arrays(workdir), snap32)
+  _assert_bitwise_equal(snapshot_arrays(workdir), snap32)
 
   # 3. Resumes at 32 (not at the half-deleted 20) and dies with the last snapshot fully written but uncommitted.
   r = run_until_fault("before_commit:snapshots/64")
@@ -270,7 +262,7 @@ def test_sigkill_at_orbax_commit_points_resumes_to_identical_snapshots(reference
   assert min(r.steps_logged()) == last + 1
   _assert_clean_snapshots(workdir, SNAPS)
   assert _listing(workdir, "state") == ["60", "64"]
-  _assert_bitwise_equal(_snapshot_arrays(workdir), reference[2])
+  _assert_bitwise_equal(snapshot_arrays(workdir), reference[2])
 
 
 @pytest.mark.slow
@@ -313,13 +305,13 @@ def test_sigterm_saves_finishes_snapshot_and_exits_cleanly_then_resumes(referenc
   preempt(r, lambda: any(n.startswith("32") for n in _listing(workdir, "snapshots")), "during the snapshot save")
   assert min(r.steps_logged()) == stopped + 1
   _assert_clean_snapshots(workdir, SNAPS[:1])
-  _assert_bitwise_equal(_snapshot_arrays(workdir), {32: reference[2][32]})
+  _assert_bitwise_equal(snapshot_arrays(workdir), {32: reference[2][32]})
 
   # 3. The same command finishes the run: same snapshots as the uninterrupted run.
   r = _start(runs, tiny_data, workdir)
   assert r.wait() == 0, r.log()
   _assert_clean_snapshots(workdir, SNAPS)
-  _assert_bitwise_equal(_snapshot_arrays(workdir), reference[2])
+  _assert_bitwise_equal(snapshot_arrays(workdir), reference[2])
 
 
 def _cosine_lr(init_lr, t, total, cycles):
@@ -330,14 +322,11 @@ def _cosine_lr(init_lr, t, total, cycles):
 
 @pytest.mark.parametrize("bad_step, states", [(50, [32, 40]), (64, [50, 60])])
 def test_nonfinite_loss_stops_with_message_keeps_snapshots_and_resumes(
-    reference, tiny_data, tmp_path, monkeypatch, bad_step, states):
+    reference, tiny_data, tmp_path, bad_step, states):
   """Inputs become NaN from update bad_step on (1-based, as logged): a real NaN loss in the real step."""
   workdir = str(tmp_path / "run")
   config = tiny_config(tiny_data, eval_snapshots=False)
-  real_make_train_step = training.make_train_step
-
-  def poisoned_make_train_step(*args, **kwargs):
-    step_fn = real_make_train_step(*args, **kwargs)
+  def poison(step_fn):
 
     def poisoned(state, x, labels):
       x = jnp.where(state["step"] >= bad_step - 1, x * jnp.nan, x)
@@ -345,9 +334,8 @@ def test_nonfinite_loss_stops_with_message_keeps_snapshots_and_resumes(
 
     return poisoned
 
-  monkeypatch.setattr(training, "make_train_step", poisoned_make_train_step)
   with pytest.raises(SystemExit) as exc:  # train.py's path: training.main.
-    training.main(config, workdir)
+    training.main(config, workdir, hooks=training.Hooks(wrap_step=poison))
   message = exc.value.code
   assert isinstance(message, str) and "\n" not in message  # A string exit code: printed, exit status 1.
   assert isinstance(exc.value.__context__, training.TrainingDiverged)
@@ -366,33 +354,29 @@ def test_nonfinite_loss_stops_with_message_keeps_snapshots_and_resumes(
   assert _committed_states(workdir) == states  # 50: a state step; 64: the last snapshot's and the final state's.
   _assert_clean_snapshots(workdir, [32])
   assert not [n for n in _listing(workdir, "state") if not n.isdigit()]
-  _assert_bitwise_equal(_snapshot_arrays(workdir), {32: reference[2][32]})
+  _assert_bitwise_equal(snapshot_arrays(workdir), {32: reference[2][32]})
   # eval.py ensembles the snapshots that exist.
   report = evaluation.evaluate_runs([workdir], out_dir=str(tmp_path / "eval"), plot=False)
   assert [s["step"] for s in report["snapshots"]] == [32] and report["ensemble"]["m"] == 1
   np.testing.assert_allclose(report["snapshots"][0]["error"], reference[1]["snapshot_scores"][0]["error"], atol=1e-9)
 
   # With the cause gone, the same command resumes from the last good state and ends as the reference run.
-  monkeypatch.undo()
   restored = []
-  real_restore = checkpoints.RunCheckpoints.restore_state
-  monkeypatch.setattr(checkpoints.RunCheckpoints, "restore_state",
-                      lambda self, step, target: restored.append(step) or real_restore(self, step, target))
-  result = training.main(config, workdir)
+  result = training.main(config, workdir, hooks=training.Hooks(on_state_restored=lambda step, _: restored.append(step)))
   assert restored == [states[-1]] and not result["preempted"]
   _assert_clean_snapshots(workdir, SNAPS)
-  _assert_bitwise_equal(_snapshot_arrays(workdir), reference[2])
+  _assert_bitwise_equal(snapshot_arrays(workdir), reference[2])
 
 
-def test_same_seed_is_bitwise_identical_and_another_seed_differs(reference, tiny_data, tmp_path, monkeypatch):
+def test_same_seed_is_bitwise_identical_and_another_seed_differs(reference, tiny_data, tmp_path):
   again = str(tmp_path / "again")
   training.train_and_evaluate(tiny_config(tiny_data, eval_snapshots=False), again)
-  _assert_bitwise_equal(_snapshot_arrays(again), reference[2])
+  _assert_bitwise_equal(snapshot_arrays(again), reference[2])
 
   other = str(tmp_path / "other")
-  monkeypatch.setattr(training._Preemption, "should_stop", lambda self, step: step == 32)
-  assert training.train_and_evaluate(tiny_config(tiny_data, seed=1, eval_snapshots=False), other)["preempted"]
-  got, want = _snapshot_arrays(other)[32], reference[2][32]
+  assert training.train_and_evaluate(tiny_config(tiny_data, seed=1, eval_snapshots=False), other,
+                                     hooks=training.Hooks(stop_at=lambda step: step == 32))["preempted"]
+  got, want = snapshot_arrays(other)[32], reference[2][32]
   kernels = [(p, g) for p, g in jax.tree_util.tree_flatten_with_path(got["params"])[0] if "kernel" in str(p)]
   assert kernels
   for path, g in kernels:

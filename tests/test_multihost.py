@@ -5,15 +5,16 @@ a run on another device count. The device count is fixed per process, so the oth
 import glob
 import json
 import os
+import re
 
 import jax
 import numpy as np
 import pytest
 
-from snapjax import checkpoints, config as config_lib, evaluation, training
+from snapjax import checkpoints, config as config_lib, evaluation, training, workdir as workdir_lib
 
 import helpers
-from helpers import NUM_TEST, NUM_TRAIN, WORKER, tiny_config
+from helpers import NUM_TEST, NUM_TRAIN, WORKER, snapshot_arrays, tiny_config
 
 TIMEOUT_S = 240  # Per launch; a run takes ~40 s here (mostly TensorFlow and JAX start-up).
 # A few steps: the tiny config cut to half an epoch, 8 steps, 2 cycles with snapshots at steps 4 and 8, at a
@@ -37,19 +38,11 @@ def reference(tiny_data, tmp_path_factory):
   """An uninterrupted run in this process: 1 process, 4 devices. Returns (result, {step: variables})."""
   workdir = str(tmp_path_factory.mktemp("reference"))
   result = training.train_and_evaluate(_config(tiny_data), workdir)
-  return result, _snapshots(workdir)
+  return result, snapshot_arrays(workdir)
 
 
 def _config(data_dir, **overrides):
   return tiny_config(data_dir, **{**OVERRIDES, **overrides})
-
-
-def _snapshots(workdir):
-  """Every snapshot's variables as NumPy, read back from disk."""
-  config = evaluation.load_run_config(workdir)
-  model = training.make_model(config, 10)
-  members = evaluation.restore_members([workdir], model, (28, 28, 1), training.make_mesh())
-  return {m.step: jax.tree.map(np.asarray, m.variables) for m in members}
 
 
 def _flat(state):
@@ -69,9 +62,12 @@ def _two_processes(data_dir, workdir, log_dir, *extra, **env_extra):
   argvs = [helpers.train_argv(WORKER, data_dir, workdir, OVERRIDES, "--coordinator_address", f"127.0.0.1:{port}",
                               "--num_processes", "2", "--process_id", str(i), "--cpu_collectives", "gloo", *extra)
            for i in range(2)]
-  pids, _ = helpers.launch(argvs, helpers.subprocess_env(2, SNAPJAX_WORKER_REPORT=report, **env_extra), log_dir,
-                           TIMEOUT_S)
-  return pids, [json.load(open(f"{report}.{i}")) for i in range(2)]
+  pids, outputs = helpers.launch(argvs, helpers.subprocess_env(2, SNAPJAX_WORKER_REPORT=report, **env_extra),
+                                 log_dir, TIMEOUT_S)
+  reports = [json.load(open(f"{report}.{i}")) for i in range(2)]
+  for r, out in zip(reports, outputs):
+    r["output"] = out
+  return pids, reports
 
 
 def test_two_processes_train_like_one_process_with_four_devices(tiny_data, reference, tmp_path):
@@ -80,7 +76,7 @@ def test_two_processes_train_like_one_process_with_four_devices(tiny_data, refer
   # A stale run of another config: --fresh must move it aside once (process 0), not refuse it or race on it.
   os.makedirs(workdir)
   stale = config_lib.to_dict(_config(tiny_data, init_lr=0.3))
-  json.dump(stale, open(os.path.join(workdir, checkpoints.CONFIG_FILE), "w"))
+  json.dump(stale, open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w"))
   pids, reports = _two_processes(tiny_data, workdir, str(tmp_path), "--fresh")
 
   # One global mesh, the same device order on both hosts; each host holds only its devices' rows of the data.
@@ -102,7 +98,7 @@ def test_two_processes_train_like_one_process_with_four_devices(tiny_data, refer
   assert reports[0]["result"] == reports[1]["result"]
   result = reports[0]["result"]
   assert not result["preempted"] and result["step"] == SNAPSHOT_STEPS[-1]
-  snaps = _snapshots(workdir)
+  snaps = snapshot_arrays(workdir)
   assert sorted(snaps) == sorted(ref_snaps) == SNAPSHOT_STEPS
   diffs = {s: _max_abs_diff(snaps[s], ref_snaps[s]) for s in snaps}
   print(f"max |2x2 - 1x4| per snapshot: {diffs}")
@@ -112,12 +108,17 @@ def test_two_processes_train_like_one_process_with_four_devices(tiny_data, refer
     assert mine["step"] == ref["step"] and mine["count"] == ref["count"] == NUM_TEST
     np.testing.assert_allclose(mine["error"], ref["error"], atol=2 / NUM_TEST)
 
+  # Only process 0 logs progress and snapshot scores.
+  progress = re.compile(r"\] (step \d+/8 |Snapshot \d/2 at step|\[\d+\] train/)")
+  assert [l for l in reports[0]["output"].splitlines() if progress.search(l)]
+  assert not [l for l in reports[1]["output"].splitlines() if progress.search(l)], reports[1]["output"][-2000:]
+
   # Only process 0 writes: config.json (this run's), TensorBoard events (its pid in the name), the moved run.
-  assert json.load(open(os.path.join(workdir, checkpoints.CONFIG_FILE))) == config_lib.to_dict(_config(tiny_data))
+  assert json.load(open(os.path.join(workdir, workdir_lib.CONFIG_FILE))) == config_lib.to_dict(_config(tiny_data))
   events = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
   assert len(events) == 1 and f".{pids[0]}." in os.path.basename(events[0]), events
   moved = glob.glob(os.path.join(workdir, "previous-*"))
-  assert len(moved) == 1 and json.load(open(os.path.join(moved[0], checkpoints.CONFIG_FILE))) == stale
+  assert len(moved) == 1 and json.load(open(os.path.join(moved[0], workdir_lib.CONFIG_FILE))) == stale
 
   # eval.py's logic, one process, reads the cooperatively written snapshots and scores them as training did.
   report = evaluation.evaluate_runs([workdir], out_dir=str(tmp_path / "eval"), plot=False)
@@ -148,7 +149,7 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step(tiny_data, reference, 
   # Resume on one process with 4 devices (the same data order as 2 x 2): it ends where the reference ends.
   result = training.train_and_evaluate(_config(tiny_data), workdir)
   assert not result["preempted"] and result["step"] == SNAPSHOT_STEPS[-1]
-  snaps = _snapshots(workdir)
+  snaps = snapshot_arrays(workdir)
   assert sorted(snaps) == SNAPSHOT_STEPS
   print(f"stopped at {stops[0]}; max |resumed - reference| per snapshot: "
         f"{ {s: _max_abs_diff(snaps[s], ref_snaps[s]) for s in snaps} }")
@@ -156,22 +157,15 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step(tiny_data, reference, 
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=ATOL), snaps[s], ref_snaps[s])
 
 
-def test_resume_on_one_device_then_on_four(tiny_data, reference, tmp_path, monkeypatch):
+def test_resume_on_one_device_then_on_four(tiny_data, reference, tmp_path):
   _, ref_snaps = reference
   workdir = str(tmp_path / "run")
   config = _config(tiny_data)
   saved = {}
-  original_save = checkpoints.RunCheckpoints.save_state
-
-  def save_state(self, step, state):
-    saved[step] = _flat(state)
-    return original_save(self, step, state)
 
   # Leg 1: 4 devices, stopped right after the first snapshot.
-  with monkeypatch.context() as m:
-    m.setattr(checkpoints.RunCheckpoints, "save_state", save_state)
-    m.setattr(training._Preemption, "should_stop", lambda self, step: step == 4)
-    first = training.train_and_evaluate(config, workdir)
+  first = training.train_and_evaluate(config, workdir, hooks=training.Hooks(
+      stop_at=lambda step: step == 4, on_state_saved=lambda step, state: saved.update({step: _flat(state)})))
   assert first["preempted"] and first["step"] == 4
 
   # Leg 2: 1 device (another process) resumes from step 4 and stops at 6 (no periodic save before the end).
@@ -190,16 +184,9 @@ def test_resume_on_one_device_then_on_four(tiny_data, reference, tmp_path, monke
   # Leg 3: back on 4 devices from the state the 1-device leg saved at step 6, to the end.
   from_one = dict(np.load(last_saved + ".6.npz"))
   assert int(from_one["['step']"]) == 6
-  original_restore = checkpoints.RunCheckpoints.restore_state
   restored_here = {}
-
-  def restore_state(self, step, abstract_state):
-    state = original_restore(self, step, abstract_state)
-    restored_here[step] = _flat(state)
-    return state
-
-  monkeypatch.setattr(checkpoints.RunCheckpoints, "restore_state", restore_state)
-  last = training.train_and_evaluate(config, workdir)
+  last = training.train_and_evaluate(config, workdir, hooks=training.Hooks(
+      on_state_restored=lambda step, state: restored_here.update({step: _flat(state)})))
   assert not last["preempted"] and last["step"] == 8
   assert list(restored_here) == [6] and sorted(restored_here[6]) == sorted(from_one)
   for k in from_one:
@@ -207,7 +194,7 @@ def test_resume_on_one_device_then_on_four(tiny_data, reference, tmp_path, monke
 
   # Every snapshot is there; the first (trained on 4 devices) is the 4-device run's, bit for bit. The last one
   # differs from the reference: each device shuffles its own shard, so the data order depends on the device count.
-  snaps = _snapshots(workdir)
+  snaps = snapshot_arrays(workdir)
   assert sorted(snaps) == SNAPSHOT_STEPS
   jax.tree.map(np.testing.assert_array_equal, snaps[4], ref_snaps[4])
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(snaps[8]))

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from snapjax import checkpoints, config as config_lib, evaluation, models, schedules, training
+from snapjax import checkpoints, config as config_lib, evaluation, experiment, models, schedules, training
 from snapjax.errors import CheckpointError, ConfigError
 
-from helpers import MEAN, NUM_TEST, STD, tiny_config
+from helpers import MEAN, NUM_TEST, STD, snapshot_arrays, tiny_config
 
 pytestmark = pytest.mark.devices(4)  # In-process runs and references use conftest's 4 CPU devices.
 
@@ -22,17 +22,8 @@ def full_run(tiny_data, tmp_path_factory):
 
 
 def _load_snapshots(workdir, config):
-  model = training.make_model(config, 10)
-  mesh = training.make_mesh()
-  members = evaluation.restore_members([workdir], model, (28, 28, 1), mesh)
-  return model, members
-
-
-def _snapshot_arrays(workdir):
-  """Every snapshot's leaves as numpy, read back from disk."""
-  config = evaluation.load_run_config(workdir)
-  _, members = _load_snapshots(workdir, config)
-  return {m.step: jax.tree.map(np.asarray, m.variables) for m in members}
+  exp = experiment.build(config)
+  return exp.model, evaluation.restore_members([workdir], exp)
 
 
 def test_snapshots_at_exactly_the_schedule_steps(full_run):
@@ -93,20 +84,18 @@ def test_eval_report_equals_naive_recomputation(full_run, tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("stop_at", [20, 32])
-def test_interrupted_run_resumes_to_identical_snapshots(full_run, tiny_data, tmp_path, monkeypatch, stop_at):
+def test_interrupted_run_resumes_to_identical_snapshots(full_run, tiny_data, tmp_path, stop_at):
   workdir = str(tmp_path / "run")
   config = tiny_config(tiny_data)
   # Preempt (the SIGTERM path) between snapshots, or right at the first snapshot.
-  monkeypatch.setattr(training._Preemption, "should_stop", lambda self, step: step == stop_at)
-  first = training.train_and_evaluate(config, workdir)
+  first = training.train_and_evaluate(config, workdir, hooks=training.Hooks(stop_at=lambda step: step == stop_at))
   assert first["preempted"] and first["step"] == stop_at
   ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
   assert ckpt.snapshot_steps() == ([32] if stop_at >= 32 else [])
   ckpt.close()
-  monkeypatch.undo()
   second = training.train_and_evaluate(config, workdir)
   assert not second["preempted"] and second["step"] == 64
-  resumed, reference = _snapshot_arrays(workdir), _snapshot_arrays(full_run[0])
+  resumed, reference = snapshot_arrays(workdir), snapshot_arrays(full_run[0])
   assert sorted(resumed) == sorted(reference) == [32, 64]
   for step in reference:
     jax.tree.map(np.testing.assert_array_equal, resumed[step], reference[step])
@@ -214,6 +203,15 @@ def test_streamed_dataset_trains_and_evaluates_through_the_stream_path(tmp_path,
   assert ("train", True, 0, 8) in calls and ("validation", False, 0, 8) in calls
   assert report["num_test_examples"] == 10 and result["snapshot_scores"][0]["count"] == 10
   np.testing.assert_allclose(report["snapshots"][0]["error"], result["snapshot_scores"][0]["error"], atol=1e-9)
+
+  # A run resumed at step 1 reseeds its stream from (seed, step): not seed + step, which is seed 1's stream.
+  calls.clear()
+  resumed = str(tmp_path / "resumed")
+  assert training.train_and_evaluate(c, resumed, hooks=training.Hooks(stop_at=lambda step: step == 1)).preempted
+  assert training.train_and_evaluate(c, resumed).step == 3
+  train_seeds = [seed for split, train, seed, _ in calls if train]
+  assert train_seeds == [0, data.derive_seed(0, 1)]
+  assert len({data.derive_seed(a, b) for a in range(4) for b in range(4)} | {0, 1, 2, 3}) == 20
 
 
 def dataclasses_replace(obj, **kw):

@@ -1,0 +1,184 @@
+"""The training step: plan (epochs -> steps), schedule, optimiser, the jitted SGD update and its batch sources.
+
+Two batch sources give the loop one interface (`BatchSource.compile(step_fn) -> (state -> (state, metrics))`):
+in-memory datasets are placed on the devices once and each device draws and augments its slice of every batch
+inside the compiled step; streamed datasets (ImageNet) feed each host's tf.data batches into the step.
+"""
+import dataclasses
+from typing import Any, Callable, Iterator, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from snapjax import data, schedules
+from snapjax.errors import ConfigError
+from snapjax.experiment import DATA_AXIS, Experiment, put_sharded
+
+PyTree = Any
+StepFn = Callable[[PyTree, jax.Array, jax.Array], tuple[PyTree, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Step counts derived once from the config (epochs) and the dataset size: the loop deals in steps."""
+  steps_per_epoch: int
+  total_steps: int
+  snapshot_steps: tuple[int, ...]
+
+
+def make_plan(config: ml_collections.ConfigDict, num_train: int) -> Plan:
+  """Steps per epoch (drop remainder), total update steps and snapshot steps; ConfigError if they do not fit.
+
+  The plan depends on the global batch only, not on the device count, so a run can resume on another mesh.
+  """
+  # Each device's shard (N // D examples) always holds the steps_per_epoch * B / D examples it draws per epoch.
+  steps_per_epoch = num_train // config.batch_size
+  if steps_per_epoch < 1:
+    raise ConfigError(
+        f"batch_size={config.batch_size} is larger than the training set ({num_train} examples); "
+        f"allowed: at most {num_train}")
+  try:
+    total = schedules.steps_for_epochs(config.num_epochs, steps_per_epoch)
+    if config.num_cycles > total:
+      raise ConfigError(
+          f"num_cycles={config.num_cycles} is more than the {total} updates of num_epochs={config.num_epochs} "
+          f"at {steps_per_epoch} steps/epoch (every cycle needs at least one update); allowed: 1..{total}, "
+          f"or raise num_epochs")
+    if config.schedule == "cosine_cycles":
+      snaps = schedules.snapshot_steps(total, config.num_cycles)
+    else:
+      snaps = schedules.nocycle_snapshot_steps(total, config.num_cycles)
+    make_schedule(config, total)  # Checks the budget against the schedule's own rules.
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(
+        f"num_epochs={config.num_epochs} ({steps_per_epoch} steps/epoch) and num_cycles={config.num_cycles} "
+        f"do not fit: {e}") from e
+  return Plan(steps_per_epoch, total, tuple(snaps))
+
+
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """The config's learning-rate schedule over total_steps updates (paper Eq. 2, or the step baseline)."""
+  if config.schedule == "cosine_cycles":
+    return schedules.snapshot_schedule(config.init_lr, total_steps, config.num_cycles)
+  return schedules.step_schedule(config.init_lr, total_steps)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with Nesterov momentum and L2 weight decay added to the gradient (paper's reference code)."""
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(learning_rate=schedule, momentum=config.momentum, nesterov=config.nesterov))
+
+
+def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxC.astype(jnp.float32), labels_B)
+
+
+def init_state(exp: Experiment, tx: optax.GradientTransformation, rng: jax.Array) -> PyTree:
+  """Train state {step, params, batch_stats, opt_state} of a fresh model."""
+  variables = exp.init_variables(rng)
+  return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+          "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"])}
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    dropout_key: jax.Array) -> StepFn:
+  """One SGD update on a global batch: (state, x, y) -> (state, metrics). Shardings come from jit."""
+
+  def step_fn(state, x_BxHxWxC, labels_B):
+    step = state["step"]
+    rng = jax.random.fold_in(dropout_key, step)
+
+    def loss_fn(params):
+      logits, new_vars = model.apply(
+          {"params": params, "batch_stats": state["batch_stats"]}, x_BxHxWxC, train=True,
+          mutable=["batch_stats"], rngs={"dropout": rng})
+      return cross_entropy(logits, labels_B).mean(), (logits, new_vars)
+
+    (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    grad_norm = optax.tree.norm(grads)
+    new_state = {"step": step + 1, "params": optax.apply_updates(state["params"], updates),
+                 "batch_stats": new_vars.get("batch_stats", {}), "opt_state": opt_state}
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels_B),
+               "lr": schedule(step), "grad_norm": grad_norm,
+               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    return new_state, metrics
+
+  return step_fn
+
+
+class BatchSource(Protocol):
+  """Where the training batches come from; the loop only calls the compiled step."""
+
+  def compile(self, step_fn: StepFn) -> Callable[[PyTree], tuple[PyTree, dict[str, jax.Array]]]:
+    """The jitted update state -> (state, metrics) that feeds step_fn its next global batch."""
+
+
+def make_device_batch_fn(mesh, spec: data.DatasetSpec, plan: Plan, batch_size: int,
+                         data_key: jax.Array, aug_key: jax.Array) -> Callable:
+  """(images, labels, step) -> augmented global batch, drawn on each device from its own shard.
+
+  Every device reshuffles its shard each epoch (a permutation keyed by seed, epoch and device) and
+  augments its slice, so the host does no per-step work.
+  """
+  local_batch = batch_size // mesh.devices.size
+
+  def local(images_l, labels_l, step):
+    d = jax.lax.axis_index(DATA_AXIS)
+    epoch, pos = step // plan.steps_per_epoch, step % plan.steps_per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(data_key, epoch), d), images_l.shape[0])
+    idx = jax.lax.dynamic_slice_in_dim(perm, pos * local_batch, local_batch)
+    key = jax.random.fold_in(jax.random.fold_in(aug_key, step), d)
+    return data.augment_batch(key, images_l[idx], spec, train=True), labels_l[idx]
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
+                       out_specs=(P(DATA_AXIS), P(DATA_AXIS)))
+
+
+class InMemoryBatches:
+  """The training split on the devices (sharded over the data axis); batches are drawn inside the step."""
+
+  def __init__(self, exp: Experiment, arrays: tuple[np.ndarray, np.ndarray], plan: Plan,
+               data_key: jax.Array, aug_key: jax.Array):
+    n = exp.mesh.devices.size
+    # Drop the few examples that do not split evenly over the devices.
+    self._images, self._labels = (put_sharded(exp.mesh, a[: len(a) // n * n]) for a in arrays)
+    self._batch_fn = make_device_batch_fn(exp.mesh, exp.spec, plan, exp.config.batch_size, data_key, aug_key)
+    self._dtype = exp.compute_dtype
+
+  def compile(self, step_fn: StepFn):
+    batch_fn, dtype = self._batch_fn, self._dtype
+
+    def fused(state, images, labels):
+      x, y = batch_fn(images, labels, state["step"])
+      return step_fn(state, x.astype(dtype), y)
+
+    jitted = jax.jit(fused, donate_argnums=(0,))
+    return lambda state: jitted(state, self._images, self._labels)
+
+
+class StreamedBatches:
+  """Each host's tf.data batches, assembled into one global batch sharded over the data axis."""
+
+  def __init__(self, stream: Iterator[dict[str, np.ndarray]], exp: Experiment):
+    self._stream = stream
+    self._sharding = NamedSharding(exp.mesh, P(DATA_AXIS))
+    self._dtype = exp.compute_dtype
+
+  def compile(self, step_fn: StepFn):
+    dtype = self._dtype
+    jitted = jax.jit(lambda s, x, y: step_fn(s, x.astype(dtype), y), donate_argnums=(0,))
+
+    def step(state):
+      b = next(self._stream)
+      return jitted(state, jax.make_array_from_process_local_data(self._sharding, b["image"]),
+                    jax.make_array_from_process_local_data(self._sharding, b["label"]))
+
+    return step
