@@ -31,15 +31,31 @@ class _QuietLibraries(py_logging.Filter):
     return True
 
 
+def _unraisable_as_one_line(unraisable) -> None:
+  """An exception Python cannot raise (e.g. in an orbax coroutine collected after a failed restore) as one line.
+
+  Python prints those with a traceback at garbage collection, after snapjax's own one-line error; the cause is
+  already in that error.
+  """
+  text = str(unraisable.exc_value).splitlines()
+  logging.warning("Ignored %s in %s: %s", type(unraisable.exc_value).__name__,
+                  getattr(unraisable.object, "__qualname__", type(unraisable.object).__name__),
+                  text[0][:300] if text else "")
+
+
 def setup_logging() -> None:
   """INFO progress lines from snapjax only; quiet TensorFlow's C++ start-up messages."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _unraisable_as_one_line
 
 
 def fail(message: str) -> None:
-  """Print a one-line error and exit with code 2."""
+  """Print a one-line error and exit with code 2; the error stays the last line printed."""
+  import gc
+  gc.collect()  # Library objects left over from the failure (orbax coroutines) report before the error line...
+  sys.unraisablehook = lambda unraisable: None  # ...and nothing prints after it while the interpreter exits.
   print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
   sys.exit(EXIT_USAGE)
 

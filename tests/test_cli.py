@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from snapjax import training
@@ -60,6 +62,19 @@ def _array_file(workdir: str, step: int) -> str:
                                 recursive=True) if os.path.isfile(p)]
   assert files, f"no OCDBT data files under {workdir}/snapshots/{step}/variables"
   return max(files, key=os.path.getsize)
+
+
+def _overwrite_one_value(workdir: str, step: int) -> None:
+  """Rewrite the snapshot's array files with one value changed, through orbax: readable, only checksums differ."""
+  import orbax.checkpoint as ocp
+  path = os.path.join(workdir, "snapshots", str(step), "variables")
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = jax.tree.map(np.array, ckptr.restore(path))
+    leaf = max(jax.tree.leaves(tree), key=np.size)
+    leaf.reshape(-1)[leaf.size // 2] += 1.0
+    shutil.rmtree(path)
+    ckptr.save(path, tree)
+    ckptr.wait_until_finished()
 
 
 @pytest.fixture(scope="module")
@@ -248,20 +263,16 @@ def test_eval_run_without_snapshots(layout, trained, tmp_path):
 
 @pytest.mark.parametrize("damage,step,reason", [
     ("truncated", 32, "is corrupt or truncated"),  # TensorStore cannot read it.
-    ("flipped", 64, "differ from the checksums recorded when it was saved"),  # Readable: only a checksum tells.
+    ("overwritten", 64, "differ from the checksums recorded when it was saved"),  # Readable: only checksums tell.
 ])
 def test_eval_corrupt_snapshot(damage, step, reason, run_copy):
   workdir, _ = run_copy
-  path = _array_file(workdir, step)
-  size = os.path.getsize(path)
-  with open(path, "r+b") as f:
-    if damage == "truncated":
-      f.truncate(size // 3)
-    else:  # Invert 16 bytes inside the (incompressible, stored raw) float data; same size.
-      f.seek(size // 4)
-      flipped = bytes(b ^ 0xFF for b in f.read(16))
-      f.seek(size // 4)
-      f.write(flipped)
+  if damage == "truncated":
+    path = _array_file(workdir, step)
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 3)
+  else:  # Flipping raw bytes of the zstd-compressed files sometimes made them unreadable instead.
+    _overwrite_one_value(workdir, step)
   before = _tree_hashes(workdir)
   line = _assert_usage_error(_run("eval.py", "--workdir", workdir), f"snapshot at step {step}",
                              os.path.join(workdir, "snapshots", str(step)), reason)
