@@ -105,6 +105,8 @@ class ExportedEnsemble:
   Attributes:
     exported: The `jax.export.Exported`.
     source: Where it was read from (a path, or ``"<bytes>"``).
+    input_shape: The expected input shape, ``"b"`` for the batch size, e.g. ``("b", 28, 28, 1)``.
+    input_dtype: The expected input dtype, e.g. ``uint8``.
   """
 
   def __init__(self, exported: jax.export.Exported, source: str):
@@ -115,6 +117,7 @@ class ExportedEnsemble:
 
   @property
   def platforms(self) -> tuple[str, ...]:
+    """The platforms the artifact was lowered for, e.g. ``("cpu", "cuda", "tpu")``."""
     return tuple(self.exported.platforms)
 
   def _check(self, x: Any) -> None:
