@@ -11,6 +11,8 @@ flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size (def
 flags.DEFINE_string("data_dir", None, "Override the run's TFDS data_dir.")
 flags.DEFINE_string("fashion_mnist_dir", None, "Override the run's Fashion-MNIST IDX directory.")
 flags.DEFINE_string("tiny_imagenet_dir", None, "Override the run's Tiny ImageNet directory.")
+flags.DEFINE_string("export", None, "Also write the headline ensemble (--last_m) as one jax.export file for "
+                    "serving, raw images in, probabilities out; its description goes to FILE.json.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -23,8 +25,10 @@ def main(argv):
                "tiny_imagenet_dir": FLAGS.tiny_imagenet_dir}
   report = cli.run_guarded(lambda: evaluation.evaluate_runs(
       FLAGS.workdir, last_m=FLAGS.last_m, out_dir=FLAGS.out_dir, data_overrides=overrides,
-      eval_batch_size=FLAGS.eval_batch_size))
+      eval_batch_size=FLAGS.eval_batch_size, export_path=FLAGS.export))
   print(report_lib.summary(report))
+  if "export" in report:
+    print(report_lib.export_summary(report["export"], FLAGS.export))
 
 
 if __name__ == "__main__":

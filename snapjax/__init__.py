@@ -1,15 +1,18 @@
 """snapjax: Snapshot Ensembles (Huang et al., ICLR 2017) in JAX/Flax.
 
 Public API: the paper's learning-rate schedule (an optax schedule), the snapshot steps, and the
-fused ensemble evaluator. Models: `snapjax.models.get(name, num_classes)`.
+fused ensemble evaluator and its serving artifact (`export_ensemble`, `load_exported`). Models:
+`snapjax.models.get(name, num_classes)`.
 """
 from snapjax import models
 from snapjax.ensemble import counts, ensemble_predict, error_rate, nll, stack_snapshots
+from snapjax.export import export_ensemble, load_exported
 from snapjax.schedules import (
     nocycle_snapshot_steps, snapshot_schedule, snapshot_steps, step_schedule, steps_for_epochs)
 
 __all__ = [
-    "counts", "ensemble_predict", "error_rate", "models", "nll", "nocycle_snapshot_steps", "snapshot_schedule",
-    "snapshot_steps", "stack_snapshots", "step_schedule", "steps_for_epochs",
+    "counts", "ensemble_predict", "error_rate", "export_ensemble", "load_exported", "models", "nll",
+    "nocycle_snapshot_steps", "snapshot_schedule", "snapshot_steps", "stack_snapshots", "step_schedule",
+    "steps_for_epochs",
 ]
 __version__ = "0.1.0"

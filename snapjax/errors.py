@@ -19,3 +19,7 @@ class CheckpointError(UserError):
 
 class WorkdirLockedError(UserError):
   """Another live training run holds the workdir's lock (snapjax.workdir_lock)."""
+
+
+class ExportError(UserError):
+  """An exported ensemble file cannot be used (unreadable, truncated, not a jax.export artifact)."""

@@ -1,13 +1,17 @@
 """Score a run's snapshots and their last-m ensembles on the test split (the logic of eval.py)."""
 import dataclasses
+import hashlib
+import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
+import numpy as np
 
-from snapjax import checkpoints, ensemble, experiment, report as report_lib, scoring, workdir as workdir_lib
-from snapjax import config as config_lib
+import snapjax
+from snapjax import checkpoints, data, ensemble, experiment, export, report as report_lib, scoring
+from snapjax import config as config_lib, workdir as workdir_lib
 from snapjax.errors import CheckpointError, ConfigError
 
 
@@ -70,9 +74,90 @@ def _count_snapshots(workdirs: list[str]) -> int:
   return num
 
 
+def check_export_path(path: str) -> None:
+  """A one-line ConfigError unless --export names a new or existing file in an existing, writable local directory."""
+  if not str(path).strip():
+    raise ConfigError(f"--export is empty ({path!r}); allowed: a file path such as runs/quickstart/ensemble.jax")
+  if "://" in str(path):
+    raise ConfigError(f"--export={path}: bucket URLs are not supported; write a local file and copy it")
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise ConfigError(f"--export={path}: directory {directory} does not exist; create it first")
+  if not os.access(directory, os.W_OK | os.X_OK):
+    raise ConfigError(f"--export={path}: directory {directory} is not writable")
+  if os.path.isdir(path):
+    raise ConfigError(f"--export={path} is an existing directory; allowed: a file path in {directory}")
+  if jax.process_count() > 1:
+    raise ConfigError(f"--export={path}: run eval.py --export in one process (it writes one local file), "
+                      f"not in {jax.process_count()}")
+
+
+def _raw_test_batches(exp: experiment.Experiment, arrays: tuple[np.ndarray, np.ndarray] | None,
+                      batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """(x, y, mask) host batches of the test split as the dataset provides them, the last one padded (mask 0)."""
+  if arrays is not None:
+    yield from data.eval_batches(*arrays, batch_size)
+    return
+  stream = exp._stream(exp.spec.eval_split, batch_size_per_host=batch_size, train=False, seed=0)  # noqa: SLF001
+  for b in stream:
+    yield b["image"], b["label"], b["mask"]
+
+
+def score_exported(model: export.ExportedEnsemble,
+                   batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> scoring.Score:
+  """Test error and NLL of an exported ensemble, run on raw batches; exact counts over padded batches."""
+  total = np.zeros(3, np.float64)
+  for x, y, mask in batches:
+    probs = model(x)
+    total += np.asarray(jax.device_get(jax.numpy.stack(ensemble.counts(probs, y, mask))), np.float64)
+  return scoring.Score.from_totals(total)
+
+
+def export_run(path: str, exp: experiment.Experiment, stacked: Any, steps: list[tuple[str, int]], last_m: int,
+               test_arrays: tuple[np.ndarray, np.ndarray] | None, batch_size: int) -> dict[str, Any]:
+  """Writes the last-m ensemble to path (`export.export_ensemble`) and its description to path + '.json'.
+
+  The description's test error and NLL come from running the written artifact on the test split.
+  """
+  shape = exp.input_shape
+  if exp.spec.in_memory:  # Raw images as the dataset provides them; the run's normalisation goes inside.
+    example = jax.ShapeDtypeStruct((1, *shape), test_arrays[0].dtype)
+    preprocess, described = (lambda x: data.normalize(x, exp.spec),
+                             f"(x - mean) / std with mean={list(exp.spec.mean)}, std={list(exp.spec.std)}, "
+                             f"then a cast to {np.dtype(exp.compute_dtype).name}")
+  else:  # A streamed dataset's decoding and resizing run in tf.data: the input is its normalised float32 crop.
+    example = jax.ShapeDtypeStruct((1, *shape), np.float32)
+    preprocess, described = None, (f"none: the input is the {exp.spec.name} eval crop already normalised, "
+                                   f"(x - mean) / std with mean={list(exp.spec.mean)}, std={list(exp.spec.std)}")
+  platforms = list(export.DEFAULT_PLATFORMS)
+  blob = export.export_ensemble(exp.apply_fn, stacked, example, last_m=last_m, preprocess=preprocess,
+                                platforms=platforms)
+  model = export.load_exported(blob)
+  score = score_exported(model, _raw_test_batches(exp, test_arrays, batch_size))
+  meta = {
+      "file": os.path.basename(path), "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+      "input": {"shape": [export.BATCH_DIM, *shape], "dtype": np.dtype(example.dtype).name},
+      "output": {"shape": [export.BATCH_DIM, exp.spec.num_classes], "dtype": "float32",
+                 "what": "the ensemble's mean softmax probabilities"},
+      "preprocess": described, "num_classes": exp.spec.num_classes,
+      "dataset": exp.config.dataset, "model": exp.config.model,
+      "members": [{"workdir": wd, "step": st} for wd, st in steps[len(steps) - last_m:]], "last_m": last_m,
+      "platforms": platforms, "snapjax_version": snapjax.__version__, "jax_version": jax.__version__,
+      "test": {"split": exp.spec.eval_split, **score.as_dict()},
+  }
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(blob)
+  os.replace(tmp, path)
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2)
+  os.replace(tmp, path + ".json")
+  return meta
+
+
 def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: str | None = None,
                   data_overrides: dict[str, str] | None = None, eval_batch_size: int | None = None,
-                  plot: bool = True) -> dict[str, Any]:
+                  plot: bool = True, export_path: str | None = None) -> dict[str, Any]:
   """Scores each snapshot of the runs and every last-m ensemble; writes report.json, report.md and a plot.
 
   Every check of the input (runs, last_m, test data) runs before anything is restored or compiled.
@@ -86,13 +171,16 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
       from elsewhere than the run's config says.
     eval_batch_size: global test batch size (default: the run's config).
     plot: also write error_vs_m.png.
+    export_path: also write the headline ensemble as a serving artifact there (`export_run`), with its
+      description in export_path + '.json'.
 
   Returns:
     The report: "snapshots" (each one's workdir, step, error, nll, count), "ensembles" (each last-m), the
-    headline "ensemble" and "num_test_examples".
+    headline "ensemble" and "num_test_examples"; with export_path, "export" (the written description).
 
   Raises:
-    snapjax.errors.UserError: not a run, incompatible runs, no or corrupt snapshots, bad last_m, missing data.
+    snapjax.errors.UserError: not a run, incompatible runs, no or corrupt snapshots, bad last_m, missing data,
+      an export path in a missing or read-only directory.
 
   Example:
     >>> report = evaluate_runs(["runs/quickstart"], last_m=3)  # doctest: +SKIP
@@ -104,6 +192,8 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     raise ConfigError(f"eval_batch_size={eval_batch_size!r}; allowed: an integer >= 1 (or unset: the run's own)")
   if out_dir is not None:
     workdir_lib.check_path(out_dir, "--out_dir")
+  if export_path is not None:
+    check_export_path(export_path)
   configs = [load_run_config(wd) for wd in workdirs]
   check_compatible(configs, workdirs)
   config = configs[0]
@@ -135,4 +225,7 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   }
   if jax.process_index() == 0:
     report_lib.write_report(report, out_dir or os.path.join(workdirs[0], "eval"), plot=plot)
+  if export_path is not None:
+    report["export"] = export_run(export_path, exp, stacked, steps, last_m, test_arrays,
+                                  eval_batch_size or config.eval_batch_size)
   return report

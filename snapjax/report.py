@@ -33,6 +33,14 @@ def summary(report: dict[str, Any]) -> str:
           f"{100 * ens['error']:.2f}%, NLL {ens['nll']:.4f} | {report['num_test_examples']} test examples")
 
 
+def export_summary(meta: dict[str, Any], path: str) -> str:
+  """One line: where the exported ensemble went, its input and its own test error."""
+  shape = ", ".join(str(d) for d in meta["input"]["shape"])
+  return (f"exported the ensemble of the last {meta['last_m']} snapshots to {path} ({meta['bytes']} bytes; "
+          f"input ({shape}) {meta['input']['dtype']}; test error {100 * meta['test']['error']:.2f}%, "
+          f"NLL {meta['test']['nll']:.4f}); described in {path}.json")
+
+
 def markdown(report: dict[str, Any]) -> str:
   lines = [f"# Snapshot Ensemble evaluation: {report['model']} on {report['dataset']} "
            f"({report['num_test_examples']} test examples)", "",
