@@ -98,7 +98,7 @@ def _raw_test_batches(exp: experiment.Experiment, arrays: tuple[np.ndarray, np.n
   if arrays is not None:
     yield from data.eval_batches(*arrays, batch_size)
     return
-  stream = exp._stream(exp.spec.eval_split, batch_size_per_host=batch_size, train=False, seed=0)  # noqa: SLF001
+  stream = exp.stream(exp.spec.eval_split, batch_size_per_host=batch_size, train=False, seed=0)
   for b in stream:
     yield b["image"], b["label"], b["mask"]
 

@@ -84,17 +84,19 @@ class Experiment:
     """
     if self.spec.in_memory:
       return self.load_split(self.spec.eval_split)
-    self._stream(self.spec.eval_split, batch_size_per_host=1, train=False, seed=0)
+    self.stream(self.spec.eval_split, batch_size_per_host=1, train=False, seed=0)
     return None
 
-  def _stream(self, split: str, *, batch_size_per_host: int, train: bool, seed: int):
+  def stream(self, split: str, *, batch_size_per_host: int, train: bool,
+             seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """This host's share of a TFDS split as {"image", "label", "mask"} batches (data.make_stream)."""
     c = self.config
     return data.make_stream(self.spec, split, batch_size_per_host=batch_size_per_host,
                             data_dir=c.data_dir or None, train=train, seed=seed, image_size=c.image_size)
 
   def train_stream(self, split: str, seed: int) -> Iterator[dict[str, np.ndarray]]:
     """This host's share of a streamed training split (shuffled, repeated, augmented)."""
-    return iter(self._stream(split, batch_size_per_host=self.config.batch_size // jax.process_count(),
+    return iter(self.stream(split, batch_size_per_host=self.config.batch_size // jax.process_count(),
                              train=True, seed=seed))
 
   def test_batches(self, batch_size: int | None = None,
@@ -112,7 +114,7 @@ class Experiment:
         yield norm(put_sharded(self.mesh, x)), put_sharded(self.mesh, y), put_sharded(self.mesh, mask)
       return
     sharding = NamedSharding(self.mesh, P(DATA_AXIS))
-    for b in self._stream(self.spec.eval_split, batch_size_per_host=batch_size // jax.process_count(),
+    for b in self.stream(self.spec.eval_split, batch_size_per_host=batch_size // jax.process_count(),
                           train=False, seed=0):
       yield tuple(jax.make_array_from_process_local_data(sharding, b[k]) for k in ("image", "label", "mask"))
 

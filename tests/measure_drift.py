@@ -46,7 +46,8 @@ def _leg(name, data_dir, out, steps, num_processes, devices_per_process, isa, ev
     argvs = [argv + ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
                      "--process_id", str(i), "--cpu_collectives", "gloo"] for i in range(num_processes)]
   helpers.launch(argvs, env, os.path.join(out, name))
-  return {s: _variables(np.load(f"{dump}.{s}.npz")) for s in range(1, steps + 1) if os.path.exists(f"{dump}.{s}.npz")}
+  return {s: _variables(np.load(f"{dump}.{s}.npz")) for s in range(1, steps + 1)
+          if os.path.exists(f"{dump}.{s}.npz")}
 
 
 def _variables(npz):
