@@ -70,6 +70,11 @@ class Experiment:
     model, dtype = self.model, self.compute_dtype
     return lambda variables, x: model.apply(variables, x.astype(dtype), train=False)
 
+  @functools.cached_property
+  def _normalize(self) -> Callable[[jax.Array], jax.Array]:
+    """The dataset's normalisation, jitted once per experiment (test batches are normalised on the devices)."""
+    return jax.jit(functools.partial(data.normalize, spec=self.spec))
+
   def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of an in-memory dataset's split, from the paths in the config."""
     c = self.config
@@ -109,9 +114,8 @@ class Experiment:
     batch_size = round_up(batch_size or self.config.eval_batch_size, n)
     if self.spec.in_memory:
       images, labels = arrays if arrays is not None else self.load_split(self.spec.eval_split)
-      norm = jax.jit(functools.partial(data.normalize, spec=self.spec))
       for x, y, mask in data.eval_batches(images, labels, batch_size):
-        yield norm(put_sharded(self.mesh, x)), put_sharded(self.mesh, y), put_sharded(self.mesh, mask)
+        yield self._normalize(put_sharded(self.mesh, x)), put_sharded(self.mesh, y), put_sharded(self.mesh, mask)
       return
     sharding = NamedSharding(self.mesh, P(DATA_AXIS))
     for b in self.stream(self.spec.eval_split, batch_size_per_host=batch_size // jax.process_count(),
