@@ -5,13 +5,15 @@ fused ensemble evaluator and its serving artifact (`export_ensemble`, `load_expo
 `snapjax.models.get(name, num_classes)`.
 """
 from snapjax import models
+from snapjax.analysis import CalibrationCounts, DiversityCounts, calibration_counts, diversity_counts
 from snapjax.ensemble import counts, ensemble_predict, error_rate, nll, stack_snapshots
 from snapjax.export import export_ensemble, load_exported
 from snapjax.schedules import (
     nocycle_snapshot_steps, snapshot_schedule, snapshot_steps, step_schedule, steps_for_epochs)
 
 __all__ = [
-    "counts", "ensemble_predict", "error_rate", "export_ensemble", "load_exported", "models", "nll",
+    "CalibrationCounts", "DiversityCounts", "calibration_counts", "counts", "diversity_counts",
+    "ensemble_predict", "error_rate", "export_ensemble", "load_exported", "models", "nll",
     "nocycle_snapshot_steps", "snapshot_schedule", "snapshot_steps", "stack_snapshots", "step_schedule",
     "steps_for_epochs",
 ]

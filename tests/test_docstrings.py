@@ -3,7 +3,7 @@ import doctest
 
 import pytest
 
-from snapjax import ensemble, export, schedules
+from snapjax import analysis, ensemble, export, schedules
 
 # Every public function (and Counts) documents itself with an `Examples:` section; the totals are the
 # `>>>` lines written, so deleting examples fails here too.
@@ -13,6 +13,7 @@ DOCUMENTED = {
     ensemble: (("stack_snapshots", "ensemble_predict", "resolve_strategy", "counts", "error_rate", "nll",
                 "Counts"), 41),
     export: (("export_ensemble", "load_exported"), 15),
+    analysis: (("calibration_counts", "diversity_counts", "CalibrationCounts", "DiversityCounts"), 32),
 }
 
 
