@@ -9,10 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from snapjax.errors import CheckpointError
-from snapjax.workdir import run_path
-
-STATE_DIR = "state"
-SNAPSHOT_DIR = "snapshots"
+from snapjax.workdir import SNAPSHOT_DIR, STATE_DIR, run_path
 
 
 def _manager(path: epath.Path, *, max_to_keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:

@@ -108,8 +108,7 @@ def score_exported(model: export.ExportedEnsemble,
   """Test error and NLL of an exported ensemble, run on raw batches; exact counts over padded batches."""
   total = np.zeros(3, np.float64)
   for x, y, mask in batches:
-    probs = model(x)
-    total += np.asarray(jax.device_get(jax.numpy.stack(ensemble.counts(probs, y, mask))), np.float64)
+    total += scoring.batch_counts(model(x), y, mask)
   return scoring.Score.from_totals(total)
 
 

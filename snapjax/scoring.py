@@ -39,6 +39,11 @@ class Scores:
   ensemble: Score
 
 
+def batch_counts(probs_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array) -> np.ndarray:
+  """(errors, nll_sum, n) of one batch's probabilities, as float64 host values to add up over batches."""
+  return np.asarray(jax.device_get(jnp.stack(ensemble.counts(probs_BxC, labels_B, mask_B))), np.float64)
+
+
 def _stacked_counts(counts: ensemble.Counts) -> jax.Array:
   return jnp.stack(counts)  # (errors, nll_sum, n) as float32.
 
@@ -64,8 +69,8 @@ def score_snapshots(apply_fn: Callable[[PyTree, jax.Array], jax.Array], stacked:
   for x, y, mask in batches:
     mean_BxC, probs_MxBxC = ensemble.ensemble_predict(apply_fn, stacked, x, return_members=True)
     per_member, per_m = _member_and_last_m_counts(probs_MxBxC, y, mask)
-    head = jnp.stack(ensemble.counts(mean_BxC, y, mask))
-    per_member, per_m, head = (np.asarray(a, np.float64) for a in jax.device_get((per_member, per_m, head)))
+    head = batch_counts(mean_BxC, y, mask)
+    per_member, per_m = (np.asarray(a, np.float64) for a in jax.device_get((per_member, per_m)))
     if member_tot is None:
       member_tot, last_m_tot, all_tot = per_member, per_m, head
     else:

@@ -12,8 +12,10 @@ from snapjax import config as config_lib
 from snapjax.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
+STATE_DIR = "state"  # The train state for resuming (snapjax.checkpoints).
+SNAPSHOT_DIR = "snapshots"  # One orbax checkpoint per snapshot (snapjax.checkpoints).
 # What a run writes into its workdir (and --fresh moves aside): config, checkpoints, reports, TensorBoard events.
-RUN_ENTRIES = (CONFIG_FILE, "state", "snapshots", "eval")
+RUN_ENTRIES = (CONFIG_FILE, STATE_DIR, SNAPSHOT_DIR, "eval")
 _ALLOWED = "allowed: a directory (created if missing) or a bucket URL such as gs://bucket/run"
 
 
