@@ -102,6 +102,18 @@ def test_plain_jax_reproduces_eval_py(exported, reference, tmp_path):
     assert int(np.sum(np.argmax(probs, -1) != labels)) == errors, f"batch size {batch}"
 
 
+def test_serving_example_reproduces_eval_py(exported, tiny_data):
+  """examples/serve_exported.py (README's serving recipe): jax and numpy only, raw IDX files in."""
+  path, _, report = exported
+  proc = subprocess.run([sys.executable, "examples/serve_exported.py", path, "--idx_dir", tiny_data, "--batch", "7"],
+                        cwd=helpers.ROOT, env=helpers.subprocess_env(1), capture_output=True, text=True,
+                        timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ens = report["ensemble"]
+  assert (f"test error {100 * ens['error']:.2f}% NLL {ens['nll']:.4f} on {ens['count']} examples; "
+          f"snapjax/flax loaded: none") in proc.stdout, proc.stdout
+
+
 def test_cli_export_description(exported, trained):
   path, meta, report = exported
   assert os.path.getsize(path) == meta["bytes"]
