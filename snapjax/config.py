@@ -7,6 +7,9 @@ import ml_collections
 
 # Allowed values of the string-valued fields; models and datasets are checked against their registries.
 SCHEDULES = ("cosine_cycles", "step")
+METHODS = ("snapshot", "single_cycle")
+SMOOTHOUT_NOISES = ("uniform", "weight", "filter")
+SMOOTHOUT_SCHEDULES = ("constant", "anneal", "tanh")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # Field value -> compute dtype (params stay float32).
 AUGMENTS = ("", "crop_flip", "none")
 # Fields that may change when a run resumes in its workdir: they do not change what is trained.
@@ -31,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_cycles = 5  # M: cosine cycles (= snapshots); with schedule="step", the number of equally spaced snapshots.
   c.init_lr = 0.2  # alpha0, the learning rate at the start of every cycle.
   c.schedule = "cosine_cycles"  # "cosine_cycles" (Snapshot Ensemble, paper Eq. 2) or "step" (single-model baseline).
+  # "snapshot": one network trained through every cycle (the paper's method); "single_cycle": a freshly
+  # initialised network per cycle (init keyed by seed and cycle), the SingleCycle Ensembles baseline.
+  c.method = "snapshot"
   c.batch_size = 64  # Global batch size, split evenly over all devices of all hosts.
   c.eval_batch_size = 500  # Global evaluation batch size (rounded up to a multiple of the device count).
   c.seed = 0  # Seeds initialisation, data order, augmentation and dropout.
@@ -38,6 +44,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.nesterov = True  # Nesterov or heavy-ball momentum.
   c.weight_decay = 1e-4  # L2 weight decay added to every gradient, as in the reference code.
   c.dropout_rate = 0.0  # Dropout p for models that support it (paper baseline: 0.2 for WRN and DenseNet).
+  # SmoothOut (Wu et al., arXiv 1805.07898): the gradient is taken at uniformly perturbed weights (noise removed
+  # before the update). Off while smoothout_a is 0.
+  c.smoothout_a = 0.0  # Noise bound a (the authors' --sharpness-smoothing); 0 = off.
+  c.smoothout_noise = "uniform"  # "uniform" U(-a, a); "weight" U(-1, 1) * a * |w|; "filter" AdaSmoothOut per filter.
+  c.smoothout_chunks = 1  # K: fresh noise for each of K chunks of a batch, gradients averaged (1 = stochastic).
+  c.smoothout_schedule = "constant"  # a over training: "constant", "anneal" ((1+t)^-index, square-rooted), "tanh".
+  c.smoothout_anneal_index = 0.55  # The exponent of the "anneal" schedule.
+  c.smoothout_tanh_scale = 10.0  # The steepness of the "tanh" ramp (tanh(scale * (t/T - 0.5)) + 1) / 2.
   c.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (parameters stay float32).
   c.stem_stride = 1  # Stride of the first convolution (2 for Tiny ImageNet, per the paper).
   c.image_size = 224  # Train/eval crop size for streamed datasets (ImageNet).
@@ -131,6 +145,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       f"own){', crop_flip, none' if data.DATASETS[config.dataset].in_memory else ''}")
   if config.schedule not in SCHEDULES:
     raise ConfigError(f"schedule={config.schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
+  if config.method not in METHODS:
+    raise ConfigError(f"method={config.method!r} is not known; allowed: {', '.join(METHODS)}")
+  if config.method == "single_cycle" and config.schedule != "cosine_cycles":
+    raise ConfigError(f"method='single_cycle' trains one cosine cycle per model: it needs "
+                      f"schedule='cosine_cycles', got schedule={config.schedule!r}")
+  if config.smoothout_noise not in SMOOTHOUT_NOISES:
+    raise ConfigError(f"smoothout_noise={config.smoothout_noise!r} is not known; allowed: "
+                      f"{', '.join(SMOOTHOUT_NOISES)}")
+  if config.smoothout_schedule not in SMOOTHOUT_SCHEDULES:
+    raise ConfigError(f"smoothout_schedule={config.smoothout_schedule!r} is not known; allowed: "
+                      f"{', '.join(SMOOTHOUT_SCHEDULES)}")
   if config.dtype not in DTYPES:
     raise ConfigError(f"dtype={config.dtype!r} is not known; allowed: {', '.join(DTYPES)}")
 
@@ -139,7 +164,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
 
-  for name in ("num_cycles", "batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps"):
+  for name in ("num_cycles", "batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
+               "smoothout_chunks"):
     positive_int(name)
   if config.stem_stride not in (1, 2):
     raise ConfigError(f"stem_stride must be 1 or 2, got {config.stem_stride!r}")
@@ -151,9 +177,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     v = config[name]
     if not isinstance(v, (int, float)) or not lo <= v < hi:
       raise ConfigError(f"{name} must be in [{lo}, {hi}), got {v!r}")
+  for name in ("smoothout_a", "smoothout_anneal_index", "smoothout_tanh_scale"):
+    v = config[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+      raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
   if not isinstance(config.weight_decay, (int, float)) or config.weight_decay < 0:
     raise ConfigError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
   if config.batch_size % num_devices:
     raise ConfigError(
         f"batch_size={config.batch_size} is not divisible by the device count {num_devices}; "
         f"allowed: a multiple of {num_devices}")
+  if config.smoothout_a and (config.batch_size // num_devices) % config.smoothout_chunks:
+    raise ConfigError(
+        f"smoothout_chunks={config.smoothout_chunks} does not divide the per-device batch "
+        f"{config.batch_size // num_devices} (batch_size={config.batch_size} over {num_devices} devices); "
+        f"allowed: a divisor of {config.batch_size // num_devices}")
