@@ -84,8 +84,8 @@ def coefficient(schedule: str, step: jax.Array, total_steps: int, *, anneal_inde
     return jnp.ones((), jnp.float32)
   if schedule == "anneal":
     return jnp.sqrt(1.0 / (1.0 + t) ** anneal_index)
-  if schedule == "tanh":
-    return (jnp.tanh(tanh_scale * (t / total_steps - 0.5)) + 1.0) / 2.0
+  if schedule == "tanh":  # (tanh(z) + 1) / 2 = sigmoid(2 z), which keeps float32's precision near 0.
+    return jax.nn.sigmoid(2.0 * tanh_scale * (t / total_steps - 0.5))
   raise ValueError(f"schedule={schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
 
 
@@ -127,9 +127,9 @@ def noise(kind: str, key: jax.Array, params: PyTree, bound: jax.Array | float) -
     >>> from snapjax import smoothout
     >>> params = {"bias": jnp.array([1.0, -2.0]), "kernel": jnp.ones((3, 3, 2, 4))}
     >>> n = smoothout.noise("filter", jax.random.PRNGKey(0), params, 0.1)
-    >>> jnp.abs(n["bias"]).round(6).tolist()  # Each element is its own filter: |n_i| = 0.1 * |w_i|.
+    >>> [round(float(v), 6) for v in jnp.abs(n["bias"])]  # Each element is its own filter: |n_i| = 0.1 * |w_i|.
     [0.1, 0.2]
-    >>> jnp.sqrt(jnp.sum(n["kernel"] ** 2, axis=(0, 1, 2))).round(6).tolist()  # 0.1 * ||ones(3, 3, 2)||.
+    >>> [round(float(v), 6) for v in jnp.sqrt(jnp.sum(n["kernel"] ** 2, axis=(0, 1, 2)))]  # 0.1 * ||ones(3, 3, 2)||.
     [0.424264, 0.424264, 0.424264, 0.424264]
   """
   leaves, treedef = jax.tree.flatten(params)
