@@ -10,7 +10,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from snapjax import experiment, schedules, smoothout, train_step, training
+from snapjax import config as config_lib, experiment, schedules, smoothout, train_step, training
+from snapjax.errors import ConfigError
 
 from helpers import snapshot_arrays, tiny_config
 
@@ -236,6 +237,13 @@ def test_bad_smoothout_settings_are_value_errors():
     smoothout.SmoothOut(0.1, schedule="cos")
   with pytest.raises(ValueError, match="chunks must be an integer >= 1"):
     smoothout.SmoothOut(0.1, chunks=0)
+
+
+def test_chunks_must_divide_the_per_device_batch_only_while_smoothout_is_on():
+  config_lib.validate(tiny_config("", smoothout_chunks=3), NUM_DEVICES)  # Off: the field is unused.
+  config_lib.validate(tiny_config("", smoothout_a=0.01, smoothout_chunks=8), NUM_DEVICES)
+  with pytest.raises(ConfigError, match="smoothout_chunks=3 does not divide the per-device batch 8"):
+    config_lib.validate(tiny_config("", smoothout_a=0.01, smoothout_chunks=3), NUM_DEVICES)
 
 
 # ----------------------------------------------------------------------------------------- end to end
