@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from snapjax import data, schedules
+from snapjax import data, schedules, smoothout as smoothout_lib
 from snapjax.errors import ConfigError
 from snapjax.experiment import DATA_AXIS, Experiment, put_sharded
 
@@ -87,9 +87,26 @@ def init_state(exp: Experiment, tx: optax.GradientTransformation, rng: jax.Array
           "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"])}
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    dropout_key: jax.Array) -> StepFn:
-  """One SGD update on a global batch: (state, x, y) -> (state, metrics). Shardings come from jit."""
+def make_smoothout(config: ml_collections.ConfigDict, plan: Plan) -> smoothout_lib.SmoothOut | None:
+  """The config's SmoothOut settings over the plan's total steps, or None while smoothout_a is 0 (off)."""
+  if not config.smoothout_a:
+    return None
+  return smoothout_lib.SmoothOut(
+      a=float(config.smoothout_a), noise=config.smoothout_noise, chunks=config.smoothout_chunks,
+      schedule=config.smoothout_schedule, total_steps=plan.total_steps,
+      anneal_index=float(config.smoothout_anneal_index), tanh_scale=float(config.smoothout_tanh_scale))
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule, dropout_key: jax.Array,
+                    smoothout: smoothout_lib.SmoothOut | None = None, num_shards: int = 1) -> StepFn:
+  """One SGD update on a global batch: (state, x, y) -> (state, metrics). Shardings come from jit.
+
+  With `smoothout` (a > 0) the gradient is taken at perturbed weights (`smoothout_step`); None or a = 0 is the
+  plain step. num_shards: how many devices the batch is split over (SmoothOut's chunks are cut from each
+  device's local batch, so they move no data between devices).
+  """
+  if smoothout is not None and smoothout.a:
+    return smoothout_step(model, tx, schedule, dropout_key, smoothout, num_shards)
 
   def step_fn(state, x_BxHxWxC, labels_B):
     step = state["step"]
@@ -109,6 +126,79 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels_B),
                "lr": schedule(step), "grad_norm": grad_norm,
                "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    return new_state, metrics
+
+  return step_fn
+
+
+def split_chunks(x_BxN: jax.Array, num_chunks: int, num_shards: int) -> jax.Array:
+  """(B, ...) -> (K, B / K, ...): chunk k is the k-th slice of each of the num_shards device batches, in order.
+
+  The batch is laid out as num_shards contiguous local batches (sharded over the data axis), so the reshape
+  (D, K, B / (D K), ...) -> (K, D, B / (D K), ...) keeps every example on its device.
+  """
+  b = x_BxN.shape[0]
+  if b % (num_shards * num_chunks):
+    raise ValueError(f"batch of {b} does not split into {num_chunks} chunks on each of {num_shards} devices")
+  per = b // (num_shards * num_chunks)
+  x_DxKxPxN = x_BxN.reshape(num_shards, num_chunks, per, *x_BxN.shape[1:])
+  return jnp.swapaxes(x_DxKxPxN, 0, 1).reshape(num_chunks, num_shards * per, *x_BxN.shape[1:])
+
+
+def smoothout_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule, dropout_key: jax.Array,
+                   smoothout: smoothout_lib.SmoothOut, num_shards: int = 1) -> StepFn:
+  """The SmoothOut update (Wu et al., arXiv 1805.07898): gradients at noisy weights, update of the clean ones.
+
+  The batch is split into K chunks (`split_chunks`); chunk k adds noise keyed by (dropout_key, step, k) to every
+  parameter (`smoothout.noise`; BatchNorm's running statistics are not parameters and get none), and its loss
+  and gradient are taken at those weights, with BatchNorm statistics of that chunk alone (ghost batch norm).
+  The running statistics are threaded through the chunks in order (lax.scan). The K gradients are averaged
+  and the optimiser (weight decay included) updates the clean weights, which the state never stops holding
+  (the authors subtract the noise again; keeping the clean weights is the same update without rounding).
+  Loss and accuracy are the means over chunks; metrics["smoothout_a"] is the step's bound a * c(t).
+
+  Unlike the authors' code, the gradient norm is not clipped (they clip at 5) and the learning rate is not
+  scaled with the batch size: the optimiser and schedule are the config's, as without SmoothOut.
+  """
+  num_chunks = smoothout.chunks
+
+  def step_fn(state, x_BxHxWxC, labels_B):
+    step, params = state["step"], state["params"]
+    rng = jax.random.fold_in(dropout_key, step)
+    bound = smoothout.bound(step)
+    xs_KxPxHxWxC = split_chunks(x_BxHxWxC, num_chunks, num_shards)
+    labels_KxP = split_chunks(labels_B, num_chunks, num_shards)
+
+    def loss_fn(noisy_params, batch_stats, x, labels, chunk_rng):
+      logits, new_vars = model.apply(
+          {"params": noisy_params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"],
+          rngs={"dropout": chunk_rng})
+      return cross_entropy(logits, labels).mean(), (logits, new_vars)
+
+    def chunk_fn(carry, chunk):
+      batch_stats, grad_sum, loss_sum, acc_sum = carry
+      k, x, labels = chunk
+      noise = smoothout_lib.noise(smoothout.noise, smoothout_lib.noise_key(dropout_key, step, k), params, bound)
+      noisy = jax.tree.map(lambda w, n: w + n.astype(w.dtype), params, noise)
+      chunk_rng = rng if num_chunks == 1 else jax.random.fold_in(rng, k)  # K = 1: the plain step's dropout.
+      (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          noisy, batch_stats, x, labels, chunk_rng)
+      acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+      return (new_vars.get("batch_stats", {}), jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss,
+              acc_sum + acc), None
+
+    zero = jnp.zeros((), jnp.float32)
+    carry = (state["batch_stats"], jax.tree.map(jnp.zeros_like, params), zero, zero)
+    (batch_stats, grad_sum, loss_sum, acc_sum), _ = jax.lax.scan(
+        chunk_fn, carry, (jnp.arange(num_chunks), xs_KxPxHxWxC, labels_KxP))
+    grads = jax.tree.map(lambda g: g / num_chunks, grad_sum)
+    loss = loss_sum / num_chunks
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    grad_norm = optax.tree.norm(grads)
+    new_state = {"step": step + 1, "params": optax.apply_updates(params, updates), "batch_stats": batch_stats,
+                 "opt_state": opt_state}
+    metrics = {"loss": loss, "accuracy": acc_sum / num_chunks, "lr": schedule(step), "grad_norm": grad_norm,
+               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm), "smoothout_a": bound}
     return new_state, metrics
 
   return step_fn

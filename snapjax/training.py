@@ -246,7 +246,9 @@ def _train(run: _Run, preemption: _Preemption, hooks: Hooks) -> TrainResult:
   """The loop: one compiled update per step; logs, saves and snapshots when it is time; stops when asked."""
   init_key, data_key, aug_key, dropout_key = jax.random.split(jax.random.PRNGKey(run.config.seed), 4)
   state, start = _restore_or_init(run, init_key, hooks)
-  step_fn = train_step.make_train_step(run.exp.model, run.tx, run.schedule, dropout_key)
+  step_fn = train_step.make_train_step(run.exp.model, run.tx, run.schedule, dropout_key,
+                                       smoothout=train_step.make_smoothout(run.config, run.plan),
+                                       num_shards=run.exp.mesh.devices.size)
   update = _batch_source(run, start, data_key, aug_key).compile(hooks.wrap_step(step_fn) if hooks.wrap_step
                                                                 else step_fn)
   plan, config, scores = run.plan, run.config, []

@@ -112,6 +112,15 @@ _CONFIG_CASES = [
     (["--config.init_lr=fast"], ["--config.init_lr=fast", "expected a number"]),
     (["--config.nesterov=maybe"], ["--config.nesterov=maybe", "expected true or false"]),
     (["--config.schedule=linear"], ["schedule='linear'", "cosine_cycles", "step"]),
+    (["--config.smoothout_a=-0.01"], ["smoothout_a", ">= 0", "got -0.01"]),
+    (["--config.smoothout_noise=gauss"], ["smoothout_noise='gauss'", "allowed:", "uniform, weight, filter"]),
+    (["--config.smoothout_schedule=cos"], ["smoothout_schedule='cos'", "allowed:", "constant, anneal, tanh"]),
+    (["--config.smoothout_chunks=0"], ["smoothout_chunks", ">= 1", "got 0"]),
+    # Batch 32 over 4 devices: 8 examples per device, which 3 chunks do not divide (checked only while a > 0).
+    (["--config.smoothout_chunks=3", "--config.smoothout_a=0.01"],
+     ["smoothout_chunks=3", "per-device batch 8", "divisor of 8"]),
+    (["--config.smoothout_anneal_index=-1"], ["smoothout_anneal_index", ">= 0", "got -1.0"]),
+    (["--config.smoothout_tanh_scale=inf"], ["smoothout_tanh_scale", "finite", "got inf"]),
     (["unexpected"], ["unexpected arguments", "--config.<field>=<value>"]),
 ]
 
