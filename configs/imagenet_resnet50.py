@@ -1,8 +1,13 @@
-"""Paper Section 4: ResNet-50 on ImageNet, B=90 epochs, M=2 cycles, batch 256, streamed with tf.data."""
+"""Paper Section 4: ResNet-50 on ImageNet, B=90 epochs, M=2 cycles, batch 256, streamed with tf.data.
+
+`--config configs/imagenet_resnet50.py:METHOD` trains a baseline on the same budget, METHOD one of snapshot
+(default), snapshot_lr0.1 (the same here: alpha0 is already 0.1), single (the paper's single model), nocycle,
+single_cycle (snapjax.config.apply_method).
+"""
 from snapjax import config as base
 
 
-def get_config():
+def get_config(method=None):
   c = base.base_config()
   c.model = "resnet50"
   c.dataset = "imagenet2012"  # Prepared TFDS dataset in c.data_dir (e.g. a gs:// bucket on Cloud TPU).
@@ -14,4 +19,4 @@ def get_config():
   c.dtype = "bfloat16"  # bf16 compute on TPU/GPU; parameters stay float32.
   c.log_every_steps = 500
   c.checkpoint_every_steps = 2000
-  return c
+  return base.apply_method(c, method)

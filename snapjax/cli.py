@@ -63,6 +63,8 @@ def fail(message: str) -> None:
 _REQUIRED = re.compile(r"Flag --(\w+) must have a value other than None")
 _BAD_VALUE = re.compile(r"^flag (--[\w.]+=.*?): (.*)$", re.S)
 _MISSING = re.compile(r"^Missing value for flag (--[\w.]+)$")
+# ml_collections re-raises a TypeError or ValueError of get_config() with the whole traceback in its message.
+_GET_CONFIG_RAISED = re.compile(r"^flag (--[\w.]+=.*?): Error whilst parsing config file:")
 _EXPECTED = (("invalid literal for int()", "expected an integer"),
              ("could not convert string to float", "expected a number"),
              ("Non-boolean argument", "expected true or false"))
@@ -81,6 +83,14 @@ def _flag_in_argv(argv: list[str], name: str) -> str | None:
 def _flag_error(e: Exception) -> str:
   """One line for an absl flag error: a missing required flag, or an override of the wrong type."""
   from absl import flags
+  if m := _GET_CONFIG_RAISED.match(str(e)):  # Its last line is the exception: "module.Type: message".
+    last = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
+    kind, _, message = last.partition(": ")
+    if kind.startswith("snapjax.errors."):  # A config file's own one-line error (configs/*.py:METHOD).
+      return f"{m.group(1)}: {message}"
+    if "get_config() takes 0 positional arguments" in message:
+      return f"{m.group(1)}: this config file takes no ':ARGUMENT' (its get_config() has no parameter)"
+    return f"{m.group(1)}: loading it raised {last}"
   text = " ".join(str(e).split())
   if m := _REQUIRED.search(text):
     name = m.group(1)

@@ -85,6 +85,47 @@ def paper_config(model: str, dataset: str, init_lr: float = 0.2) -> ml_collectio
   return c
 
 
+# Paper Table 1's methods (paper "Baselines"), the argument of configs/<dataset>_<model>.py:<method>.
+PAPER_METHODS = ("snapshot", "snapshot_lr0.1", "single", "nocycle", "single_cycle", "dropout")
+NOCYCLE_SNAPSHOTS = 6  # NoCycle Snapshot Ensemble: 6 snapshots equally spaced along the single-model schedule.
+DROPOUT_MODELS = ("wrn", "densenet")  # Model families of the paper's Dropout rows (ResNets have no dropout).
+
+
+def apply_method(c: ml_collections.ConfigDict, method: str | None) -> ml_collections.ConfigDict:
+  """Turns a Snapshot Ensemble config into the same budget's Table 1 `method` (in place); returns it.
+
+  Every method keeps the config's budget (epochs, batch size, model, data); only these fields change:
+    snapshot (default, also None): the config as it is (alpha0 = init_lr, 0.2 on every Table 1 row).
+    snapshot_lr0.1: the Snapshot Ensemble with alpha0 = 0.1.
+    single: the single model: step schedule 0.1 -> 0.01 at 50% -> 0.001 at 75%, one snapshot at the end.
+    nocycle: the same step schedule with NOCYCLE_SNAPSHOTS snapshots equally spaced (NoCycle Snapshot Ensemble).
+    single_cycle: SingleCycle Ensembles: M fresh models, one cosine cycle each, at the config's alpha0.
+    dropout: the single model with dropout p = 0.2 (WRN and DenseNet models only).
+
+  Raises:
+    ConfigError: `method` is not one of PAPER_METHODS, or dropout for a model without dropout.
+  """
+  from snapjax.errors import ConfigError
+  method = method or "snapshot"
+  if method not in PAPER_METHODS:
+    raise ConfigError(f"config argument {method!r} is not a Table 1 method; allowed: {', '.join(PAPER_METHODS)} "
+                      f"(e.g. --config configs/cifar10_wrn32_4.py:single_cycle)")
+  if method == "dropout" and not c.model.startswith(DROPOUT_MODELS):
+    raise ConfigError(f"method 'dropout' needs a model with dropout (the paper's WRN and DenseNet rows); "
+                      f"model={c.model!r} has none; allowed methods for it: "
+                      f"{', '.join(m for m in PAPER_METHODS if m != 'dropout')}")
+  if method == "snapshot_lr0.1":
+    c.init_lr = 0.1
+  elif method in ("single", "nocycle", "dropout"):
+    c.schedule, c.init_lr = "step", 0.1
+    c.num_cycles = NOCYCLE_SNAPSHOTS if method == "nocycle" else 1
+    if method == "dropout":
+      c.dropout_rate = 0.2
+  elif method == "single_cycle":
+    c.method = "single_cycle"
+  return c
+
+
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Plain JSON-able dict of a config."""
   return config.to_dict()

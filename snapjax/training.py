@@ -2,7 +2,8 @@
 
 `train_and_evaluate(config, workdir)` is train.py's logic: it trains with the config's cosine cycles, saves and
 scores a snapshot at the end of each cycle, saves the train state for resuming, and stops cleanly on a
-preemption notice. `Hooks` are explicit injection points for tests and tools.
+preemption notice. With method="single_cycle" (the paper's SingleCycle Ensembles baseline) a freshly initialised
+model takes over after each snapshot. `Hooks` are explicit injection points for tests and tools.
 """
 import dataclasses
 import functools
@@ -12,6 +13,7 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -34,7 +36,8 @@ class Hooks:
   stop_at(step) -> bool: also stop after this step, exactly as a preemption notice would.
   wrap_step(step_fn) -> step_fn: wraps the per-batch update (state, x, y) -> (state, metrics) before jit.
   on_state_saved(step, state) / on_state_restored(step, state): see each train state saved or restored.
-  on_init(state) -> state: replaces the fresh train state (before any restore), e.g. to perturb it.
+  on_init(state) -> state: replaces the fresh train state (before any restore), e.g. to perturb it; with
+    method="single_cycle" also each later model's fresh state, when it takes over after a cycle end.
   agree_every: several hosts without JAX's preemption service compare their stop flags every this many steps.
   """
   stop_at: Callable[[int], bool] | None = None
@@ -216,11 +219,22 @@ def _snapshot_variables(state: PyTree) -> PyTree:
   return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
+def _snapshot_meta(run: _Run, step: int) -> dict[str, Any]:
+  """Metadata of the snapshot at `step`: its cycle (1-based), epoch, the method and the model it belongs to.
+
+  "model" is the 0-based index of the network: always 0 for a Snapshot Ensemble (one network through every
+  cycle), the cycle's own model (cycle - 1) for SingleCycle Ensembles.
+  """
+  cycle = run.plan.snapshot_steps.index(step) + 1
+  return {"step": step, "cycle": cycle, "epoch": step / run.plan.steps_per_epoch, "method": run.config.method,
+          "model": cycle - 1 if run.config.method == "single_cycle" else 0}
+
+
 def _take_snapshot(run: _Run, state: PyTree, step: int) -> dict[str, Any] | None:
   """Score the snapshot of this step (if the config says so) and save it with its score in its metadata."""
   variables = _snapshot_variables(state)
-  cycle = run.plan.snapshot_steps.index(step) + 1
-  meta = {"step": step, "cycle": cycle, "epoch": step / run.plan.steps_per_epoch}
+  meta = _snapshot_meta(run, step)
+  cycle = meta["cycle"]
   score = None
   if run.config.eval_snapshots:  # Scored before its save starts, so the score lands in its metadata.
     s = scoring.score_snapshots(run.exp.apply_fn, ensemble.stack_snapshots([variables]),
@@ -236,6 +250,42 @@ def _take_snapshot(run: _Run, state: PyTree, step: int) -> dict[str, Any] | None
   return score
 
 
+def _next_model_fn(run: _Run, init_key: jax.Array, hooks: Hooks) -> Callable[[PyTree, int], PyTree]:
+  """(state, step) -> state: SingleCycle Ensembles' hand-over from model k to model k + 1 at the end of cycle k.
+
+  Called after the snapshot at `step` and its train-state save (a state saved at a cycle end holds the model
+  that ended there), and on resuming at such a step. At the end of cycle k (1-based) before the last, params,
+  batch_stats and the optimiser state (momentum) become those of model k (0-based), a fresh init keyed by
+  fold_in(init_key, k); model 0 is the Snapshot Ensemble's own init (init_key). The step and the optimiser's
+  integer update counts go on, so the data order, the dropout rng and the schedule continue as in a Snapshot
+  Ensemble of the same seed. Anywhere else, and for method="snapshot", the state is returned as it is.
+  """
+  snapshot_steps = run.plan.snapshot_steps
+  if run.config.method != "single_cycle":
+    return lambda state, step: state
+
+  def fresh(key, state):
+    new = train_step.init_state(run.exp, run.tx, key)
+    keep_counts = lambda old, init: old if jnp.issubdtype(old.dtype, jnp.integer) else init
+    return {**new, "step": state["step"], "opt_state": jax.tree.map(keep_counts, state["opt_state"],
+                                                                     new["opt_state"])}
+
+  fresh = jax.jit(fresh, out_shardings=run.exp.replicated)
+
+  def next_model(state: PyTree, step: int) -> PyTree:
+    if step not in snapshot_steps[:-1]:
+      return state
+    k = snapshot_steps.index(step) + 1
+    state = fresh(jax.random.fold_in(init_key, k), state)
+    if hooks.on_init is not None:
+      state = hooks.on_init(state)
+    if jax.process_index() == 0:
+      logging.info("SingleCycle: model %d/%d starts at step %d from a fresh init", k + 1, len(snapshot_steps), step)
+    return state
+
+  return next_model
+
+
 def _save_state(run: _Run, step: int, state: PyTree, hooks: Hooks) -> None:
   if hooks.on_state_saved is not None:
     hooks.on_state_saved(step, state)
@@ -246,6 +296,8 @@ def _train(run: _Run, preemption: _Preemption, hooks: Hooks) -> TrainResult:
   """The loop: one compiled update per step; logs, saves and snapshots when it is time; stops when asked."""
   init_key, data_key, aug_key, dropout_key = jax.random.split(jax.random.PRNGKey(run.config.seed), 4)
   state, start = _restore_or_init(run, init_key, hooks)
+  next_model = _next_model_fn(run, init_key, hooks)
+  state = next_model(state, start)  # Resumed at a cycle end: SingleCycle's next model starts before any update.
   step_fn = train_step.make_train_step(run.exp.model, run.tx, run.schedule, dropout_key,
                                        smoothout=train_step.make_smoothout(run.config, run.plan),
                                        num_shards=run.exp.mesh.devices.size)
@@ -281,6 +333,7 @@ def _train(run: _Run, preemption: _Preemption, hooks: Hooks) -> TrainResult:
       logging.warning("Preempted: state saved at step %d of %d; re-run the same command to resume.",
                       step, plan.total_steps)
       return TrainResult(True, step, list(plan.snapshot_steps), scores)
+    state = next_model(state, step)  # After the snapshot and its state save; python-level, at snapshot steps only.
   if pending is not None:
     _check_finite(pending, run.ckpt)
   run.ckpt.wait()  # Still under the SIGTERM handler: a notice now cannot cut the final saves.
@@ -330,8 +383,7 @@ def _check_snapshots(run: _Run, start: int, state: PyTree) -> None:
     if s > start or s in saved:
       continue
     if s == start:  # Killed after the state save committed but before the snapshot's: the state has it.
-      run.ckpt.save_snapshot(s, _snapshot_variables(state), {"step": s, "cycle": run.plan.snapshot_steps.index(s) + 1,
-                                                             "epoch": s / run.plan.steps_per_epoch})
+      run.ckpt.save_snapshot(s, _snapshot_variables(state), _snapshot_meta(run, s))
       logging.warning("Snapshot at step %d was missing; re-saved it from the train state.", s)
     else:
       raise CheckpointError(

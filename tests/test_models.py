@@ -12,7 +12,7 @@ from snapjax.errors import ConfigError
 from snapjax.models.resnet import BasicBlock
 
 CIFAR_NAMES = ["densenet100", "densenet40", "densenet_bc100", "resnet110", "resnet20", "resnet32",
-               "resnet56", "resnet8", "wrn32_4"]
+               "resnet56", "resnet8", "wrn14_2", "wrn32_4"]
 
 
 def _abstract_variables(model, shape):
@@ -114,10 +114,7 @@ def _wrn_formula(depth, k, num_classes):
 
 @pytest.mark.parametrize("depth, widen, num_classes", [(32, 4, 100), (32, 4, 10), (14, 2, 10)])
 def test_wrn_param_count_matches_layer_formula(depth, widen, num_classes):
-  if (depth, widen) == (32, 4):
-    model = models.get("wrn32_4", num_classes)
-  else:
-    model = models.WideResNet(depth, widen, num_classes)
+  model = models.get(f"wrn{depth}_{widen}", num_classes)
   variables = _abstract_variables(model, (1, 32, 32, 3))
   assert _num_params(variables) == _wrn_formula(depth, widen, num_classes)
   if (depth, widen, num_classes) == (32, 4, 100):

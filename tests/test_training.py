@@ -157,10 +157,11 @@ def test_paper_configs_match_the_paper_budgets():
               "cifar10_wrn32_4": (200, 5, 64), "cifar100_wrn32_4": (200, 5, 64),
               "cifar10_densenet40": (300, 6, 64), "cifar100_densenet40": (300, 6, 64),
               "cifar10_densenet100": (300, 6, 64), "cifar100_densenet100": (300, 6, 64),
-              "svhn_resnet110": (40, 5, 64), "tinyimagenet_resnet110": (150, 6, 128),
-              "imagenet_resnet50": (90, 2, 256)}
+              "svhn_resnet110": (40, 5, 64), "svhn_wrn32_4": (40, 5, 64), "svhn_densenet40": (40, 5, 64),
+              "tinyimagenet_resnet110": (150, 6, 128), "tinyimagenet_wrn32_4": (150, 6, 128),
+              "tinyimagenet_densenet40": (150, 6, 64), "imagenet_resnet50": (90, 2, 256)}
   found = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
-  assert set(expected) | {"quickstart"} == found
+  assert set(expected) | {"quickstart", "fashion_mnist"} == found
   for name in sorted(found):
     spec = importlib.util.spec_from_file_location(name, os.path.join(root, name + ".py"))
     module = importlib.util.module_from_spec(spec)

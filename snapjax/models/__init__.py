@@ -19,6 +19,10 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "resnet56": (CifarResNet, {"depth": 56}),
     "resnet110": (CifarResNet, {"depth": 110}),
     "wrn32_4": (WideResNet, {"depth": 32, "widen_factor": 4}),
+    # Small, with dropout (Fashion-MNIST's dropout baseline): 2 blocks per stage, 32/64/128 channels. The
+    # depth counts as wrn32_4's (stem, 3x3 convs, classifier): Zagoruyko & Komodakis, who count the
+    # shortcuts too, call this layout WRN-16-2.
+    "wrn14_2": (WideResNet, {"depth": 14, "widen_factor": 2}),
     "densenet40": (DenseNet, {"depth": 40, "growth_rate": 12}),
     "densenet100": (DenseNet, {"depth": 100, "growth_rate": 24}),
     "densenet_bc100": (DenseNet, {"depth": 100, "growth_rate": 12, "bottleneck": True,
