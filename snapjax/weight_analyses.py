@@ -124,6 +124,11 @@ def train_apply_fn(exp: experiment.Experiment) -> weight_space.TrainApplyFn:
                                           rngs={"dropout": key})
 
 
+def _log(*args) -> None:
+  if jax.process_index() == 0:  # One progress log for a multi-host run, as training's.
+    logging.info(*args)
+
+
 def _duration(seconds: float) -> str:
   seconds = int(round(seconds))
   return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
@@ -144,10 +149,10 @@ class Progress:
     elapsed = now - self.start
     if self.total:
       eta = elapsed / done * (self.total - done)
-      logging.info("%s: %d/%d batches (%.0f%%), %s elapsed, ETA %s", self.what, done, self.total,
+      _log("%s: %d/%d batches (%.0f%%), %s elapsed, ETA %s", self.what, done, self.total,
                    100 * done / self.total, _duration(elapsed), _duration(eta))
     else:
-      logging.info("%s: %d batches, %s elapsed", self.what, done, _duration(elapsed))
+      _log("%s: %d batches, %s elapsed", self.what, done, _duration(elapsed))
 
 
 def _counted(batches: Iterable[Any], progress: Progress) -> Iterator[Any]:
@@ -205,9 +210,8 @@ def run(exp: experiment.Experiment, stacked: PyTree, steps: list[tuple[str, int]
   points = _concat(parts)
   num_points = len(jax.tree.leaves(points)[0])
   batch = bn_batch_size(exp)
-  logging.info("Analyses %s: %d networks in weight space; pass 1/2 measures their BatchNorm statistics on %d "
-               "training batches of %d, pass 2/2 scores them on the test split", ", ".join(analyses), num_points,
-               num_batches, batch)
+  _log("Analyses %s: %d networks in weight space; pass 1/2 measures their BatchNorm statistics on %d training "
+       "batches of %d, pass 2/2 scores them on the test split", ", ".join(analyses), num_points, num_batches, batch)
 
   start = time.monotonic()
   points = weight_space.recompute_batch_stats(
@@ -219,8 +223,8 @@ def run(exp: experiment.Experiment, stacked: PyTree, steps: list[tuple[str, int]
   progress = Progress(f"test scores of {num_points} networks", -(-num_test // test_batch))
   scores, calibration = scoring.score_members(
       exp.apply_fn, points, _counted(exp.test_batches(eval_batch_size, test_arrays), progress))
-  logging.info("Analyses done in %s (BatchNorm statistics %s, test scores %s)", _duration(time.monotonic() - start),
-               _duration(bn_seconds), _duration(time.monotonic() - start - bn_seconds))
+  _log("Analyses done in %s (BatchNorm statistics %s, test scores %s)", _duration(time.monotonic() - start),
+       _duration(bn_seconds), _duration(time.monotonic() - start - bn_seconds))
 
   out = {}
   if "weight_average" in analyses:
@@ -236,7 +240,8 @@ def run(exp: experiment.Experiment, stacked: PyTree, steps: list[tuple[str, int]
     for i in range(num - 1):
       ks = [*range(first + i * per, first + (i + 1) * per), last]
       out["interpolation"].append({
-          "snapshot": i + 1, "workdir": steps[i][0], "step": steps[i][1], "lambdas": [round(float(l), 12) for l in lambdas],
+          "snapshot": i + 1, "workdir": steps[i][0], "step": steps[i][1],
+          "lambdas": [round(float(l), 12) for l in lambdas],
           "error": [scores[k].error for k in ks], "nll": [scores[k].nll for k in ks]})
   out["bn_recompute"] = {
       "split": train_split(exp), "batches": num_batches, "batch_size": batch, "examples": num_batches * batch,

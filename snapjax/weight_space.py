@@ -209,8 +209,9 @@ def recompute_batch_stats(train_apply_fn: TrainApplyFn, variables: PyTree, batch
     [3.0, 1.0]
   """
   if not isinstance(variables, dict) or "batch_stats" not in variables:
+    keys = list(variables) if isinstance(variables, dict) else []
     raise ValueError("variables must be a dict with a 'batch_stats' collection (BatchNorm running statistics), "
-                     f"got {type(variables).__name__} with keys {list(variables) if isinstance(variables, dict) else []}")
+                     f"got {type(variables).__name__} with keys {keys}")
   if not jax.tree.leaves(variables["batch_stats"]):
     return variables
   if stacked:

@@ -245,3 +245,15 @@ def test_analysis_arguments_are_checked_first():
       weight_analyses.check_args(*args)
   with pytest.raises(ConfigError, match="unknown analysis 'swa'"):  # Before the workdir is even read.
     evaluation.evaluate_runs(["/nonexistent/run"], analyses=["swa"])
+
+
+def test_analyses_of_a_single_snapshot_are_refused_before_restoring(evaluated, tmp_path):
+  import shutil
+  workdir, _, _ = evaluated
+  single = str(tmp_path / "single")
+  shutil.copytree(workdir, single)
+  for step in sorted(os.listdir(os.path.join(single, "snapshots")), key=int)[1:]:
+    shutil.rmtree(os.path.join(single, "snapshots", step))
+  with pytest.raises(ConfigError, match="needs at least 2 snapshots.*found 1"):
+    evaluation.evaluate_runs([single], analyses=["weight_average"], out_dir=str(tmp_path / "eval"))
+  assert not os.path.exists(tmp_path / "eval")
