@@ -206,7 +206,7 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     data_overrides: {"data_dir" | "fashion_mnist_dir" | "tiny_imagenet_dir": path} to read the test data
       from elsewhere than the run's config says.
     eval_batch_size: global test batch size (default: the run's config).
-    plot: also write error_vs_m.png.
+    plot: also write the figures (error_vs_m.png, reliability.png, diversity.png, interpolation.png).
     export_path: also write the headline ensemble as a serving artifact there (`export_run`), with its
       description in export_path + '.json'.
     analyses: weight-space analyses to run, names from `weight_analyses.ANALYSES` ("weight_average",

@@ -124,11 +124,6 @@ def train_apply_fn(exp: experiment.Experiment) -> weight_space.TrainApplyFn:
                                           rngs={"dropout": key})
 
 
-def _log(*args) -> None:
-  if jax.process_index() == 0:  # One progress log for a multi-host run, as training's.
-    logging.info(*args)
-
-
 def _duration(seconds: float) -> str:
   seconds = int(round(seconds))
   return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
@@ -143,16 +138,16 @@ class Progress:
 
   def __call__(self, done: int) -> None:
     now = time.monotonic()
-    if now - self.last < self.every_s and done != self.total:
-      return
+    if (now - self.last < self.every_s and done != self.total) or jax.process_index() != 0:
+      return  # One progress log for a multi-host run, as training's.
     self.last = now
     elapsed = now - self.start
     if self.total:
       eta = elapsed / done * (self.total - done)
-      _log("%s: %d/%d batches (%.0f%%), %s elapsed, ETA %s", self.what, done, self.total,
+      logging.info("%s: %d/%d batches (%.0f%%), %s elapsed, ETA %s", self.what, done, self.total,
                    100 * done / self.total, _duration(elapsed), _duration(eta))
     else:
-      _log("%s: %d batches, %s elapsed", self.what, done, _duration(elapsed))
+      logging.info("%s: %d batches, %s elapsed", self.what, done, _duration(elapsed))
 
 
 def _counted(batches: Iterable[Any], progress: Progress) -> Iterator[Any]:
@@ -210,8 +205,10 @@ def run(exp: experiment.Experiment, stacked: PyTree, steps: list[tuple[str, int]
   points = _concat(parts)
   num_points = len(jax.tree.leaves(points)[0])
   batch = bn_batch_size(exp)
-  _log("Analyses %s: %d networks in weight space; pass 1/2 measures their BatchNorm statistics on %d training "
-       "batches of %d, pass 2/2 scores them on the test split", ", ".join(analyses), num_points, num_batches, batch)
+  if jax.process_index() == 0:
+    logging.info("Analyses %s: %d networks in weight space; pass 1/2 measures their BatchNorm statistics on %d "
+                 "training batches of %d, pass 2/2 scores them on the test split", ", ".join(analyses), num_points,
+                 num_batches, batch)
 
   start = time.monotonic()
   points = weight_space.recompute_batch_stats(
@@ -223,8 +220,10 @@ def run(exp: experiment.Experiment, stacked: PyTree, steps: list[tuple[str, int]
   progress = Progress(f"test scores of {num_points} networks", -(-num_test // test_batch))
   scores, calibration = scoring.score_members(
       exp.apply_fn, points, _counted(exp.test_batches(eval_batch_size, test_arrays), progress))
-  _log("Analyses done in %s (BatchNorm statistics %s, test scores %s)", _duration(time.monotonic() - start),
-       _duration(bn_seconds), _duration(time.monotonic() - start - bn_seconds))
+  if jax.process_index() == 0:
+    logging.info("Analyses done in %s (BatchNorm statistics %s, test scores %s)",
+                 _duration(time.monotonic() - start), _duration(bn_seconds),
+                 _duration(time.monotonic() - start - bn_seconds))
 
   out = {}
   if "weight_average" in analyses:
