@@ -1,4 +1,7 @@
-"""Score a run's snapshots and their last-m ensembles: python eval.py --workdir runs/quick."""
+"""Score a run's snapshots, their ensembles and the paper's analyses: python eval.py --workdir runs/quick.
+
+Add --analyses=weight_average,interpolation for the analyses that pass over training data.
+"""
 from absl import app, flags
 
 from snapjax import cli
@@ -6,13 +9,20 @@ from snapjax import cli
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("workdir", None, "Run directory; repeat to ensemble the snapshots of several runs.")
 flags.DEFINE_integer("last_m", None, "Size of the headline ensemble: the last m snapshots (default: all).")
-flags.DEFINE_string("out_dir", None, "Where report.json/report.md/error_vs_m.png go (default WORKDIR/eval).")
+flags.DEFINE_string("out_dir", None, "Where report.json, report.md and the figures go (default WORKDIR/eval).")
 flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size (default: the run's config).")
 flags.DEFINE_string("data_dir", None, "Override the run's TFDS data_dir.")
 flags.DEFINE_string("fashion_mnist_dir", None, "Override the run's Fashion-MNIST IDX directory.")
 flags.DEFINE_string("tiny_imagenet_dir", None, "Override the run's Tiny ImageNet directory.")
 flags.DEFINE_string("export", None, "Also write the headline ensemble (--last_m) as one jax.export file for "
                     "serving, raw images in, probabilities out; its description goes to FILE.json.")
+flags.DEFINE_list("analyses", [], "Also run these analyses in weight space, comma-separated: weight_average (the "
+                  "last m snapshots' weights averaged, m = 2..M), interpolation (paper Fig. 5). Both recompute "
+                  "BatchNorm statistics on training batches. Calibration and diversity are always reported.")
+flags.DEFINE_integer("bn_batches", None, "Training batches (of the run's batch size, with its augmentation) on "
+                     "which --analyses recompute BatchNorm statistics (default 50, at most one epoch); 0 = one epoch.")
+flags.DEFINE_integer("interpolation_points", None, "Lambdas of --analyses=interpolation, evenly spaced in [0, 1] "
+                     "with both ends (default 11: 0, 0.1, ..., 1).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -23,10 +33,13 @@ def main(argv):
   from snapjax import evaluation, report as report_lib
   overrides = {"data_dir": FLAGS.data_dir, "fashion_mnist_dir": FLAGS.fashion_mnist_dir,
                "tiny_imagenet_dir": FLAGS.tiny_imagenet_dir}
+  passes = {k: getattr(FLAGS, k) for k in ("bn_batches", "interpolation_points") if getattr(FLAGS, k) is not None}
   report = cli.run_guarded(lambda: evaluation.evaluate_runs(
       FLAGS.workdir, last_m=FLAGS.last_m, out_dir=FLAGS.out_dir, data_overrides=overrides,
-      eval_batch_size=FLAGS.eval_batch_size, export_path=FLAGS.export))
+      eval_batch_size=FLAGS.eval_batch_size, export_path=FLAGS.export, analyses=FLAGS.analyses, **passes))
   print(report_lib.summary(report))
+  for line in report_lib.analyses_summary(report):
+    print(line)
   if "export" in report:
     print(report_lib.export_summary(report["export"], FLAGS.export))
 

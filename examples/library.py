@@ -1,4 +1,10 @@
-"""snapjax as a library: the paper's schedule drives optax SGD, snapshots at cycle ends, one-jit ensemble."""
+"""snapjax as a library: the paper's schedule drives optax SGD, snapshots at cycle ends, one-jit ensemble.
+
+Then one of the paper's analyses from user code: the last 2 snapshots' weights averaged, with BatchNorm statistics
+measured again for the averaged network.
+"""
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -35,3 +41,10 @@ apply_fn = lambda v, x: model.apply(v, x, train=False)  # noqa: E731  Define onc
 probs = snapjax.ensemble_predict(apply_fn, stacked, x, last_m=2)  # Mean softmax of the last 2, one jit.
 print(f"{len(snapshots)} snapshots; last-2 ensemble error {float(snapjax.error_rate(probs, y)):.3f}, "
       f"NLL {float(snapjax.nll(probs, y)):.3f}")
+
+# An analysis: average the last 2 snapshots' weights instead (SWA-style), then measure that network's
+# BatchNorm statistics on training batches (the exact mean over the batches, as SWA's bn_update).
+train_apply = functools.partial(model.apply, train=True, mutable=["batch_stats"])
+averaged = snapjax.recompute_batch_stats(train_apply, snapjax.average_snapshots(stacked, last_m=2), [x])
+averaged_probs = jax.nn.softmax(apply_fn(averaged, x))
+print(f"weights of the last 2 averaged: error {float(snapjax.error_rate(averaged_probs, y)):.3f}")

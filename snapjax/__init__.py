@@ -1,8 +1,10 @@
 """snapjax: Snapshot Ensembles (Huang et al., ICLR 2017) in JAX/Flax.
 
 Public API: the paper's learning-rate schedule (an optax schedule), the snapshot steps, and the
-fused ensemble evaluator and its serving artifact (`export_ensemble`, `load_exported`). Models:
-`snapjax.models.get(name, num_classes)`; SmoothOut noise and its schedule: `snapjax.smoothout`.
+fused ensemble evaluator and its serving artifact (`export_ensemble`, `load_exported`); the paper's analyses as
+batch sums (`calibration_counts`, `diversity_counts`) and snapshots in weight space (`average_snapshots`,
+`interpolate_snapshots`, `recompute_batch_stats`). Models: `snapjax.models.get(name, num_classes)`; SmoothOut
+noise and its schedule: `snapjax.smoothout`.
 """
 from snapjax import models, smoothout
 from snapjax.analysis import CalibrationCounts, DiversityCounts, calibration_counts, diversity_counts
@@ -10,11 +12,12 @@ from snapjax.ensemble import counts, ensemble_predict, error_rate, nll, stack_sn
 from snapjax.export import export_ensemble, load_exported
 from snapjax.schedules import (
     nocycle_snapshot_steps, snapshot_schedule, snapshot_steps, step_schedule, steps_for_epochs)
+from snapjax.weight_space import average_snapshots, interpolate_snapshots, recompute_batch_stats
 
 __all__ = [
-    "CalibrationCounts", "DiversityCounts", "calibration_counts", "counts", "diversity_counts",
-    "ensemble_predict", "error_rate", "export_ensemble", "load_exported", "models", "nll",
-    "nocycle_snapshot_steps", "smoothout", "snapshot_schedule", "snapshot_steps", "stack_snapshots",
-    "step_schedule", "steps_for_epochs",
+    "CalibrationCounts", "DiversityCounts", "average_snapshots", "calibration_counts", "counts",
+    "diversity_counts", "ensemble_predict", "error_rate", "export_ensemble", "interpolate_snapshots",
+    "load_exported", "models", "nll", "nocycle_snapshot_steps", "recompute_batch_stats", "smoothout",
+    "snapshot_schedule", "snapshot_steps", "stack_snapshots", "step_schedule", "steps_for_epochs",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,8 @@
-"""Score a run's snapshots and their last-m ensembles on the test split (the logic of eval.py)."""
+"""Score a run's snapshots, their last-m and first-m ensembles and the paper's analyses (the logic of eval.py).
+
+Calibration, diversity and the first-m ensembles come from the same single pass over the test split as the scores;
+the weight-space analyses (`weight_analyses`: weight averages, interpolation) run only when asked for.
+"""
 import dataclasses
 import hashlib
 import json
@@ -10,7 +14,8 @@ import ml_collections
 import numpy as np
 
 import snapjax
-from snapjax import checkpoints, data, ensemble, experiment, export, report as report_lib, scoring
+from snapjax import analysis, checkpoints, data, ensemble, experiment, export, report as report_lib, scoring
+from snapjax import weight_analyses
 from snapjax import config as config_lib, workdir as workdir_lib
 from snapjax.errors import CheckpointError, ConfigError
 
@@ -154,12 +159,44 @@ def export_run(path: str, exp: experiment.Experiment, stacked: Any, steps: list[
   return meta
 
 
+def _finite(values: Any) -> Any:
+  """Nested lists of floats for JSON, nan (an empty bin, a constant softmax) as None."""
+  return [_finite(v) for v in values] if np.ndim(values) else (None if np.isnan(values) else float(values))
+
+
+def _calibration(score: scoring.Score, counts: analysis.CalibrationCounts) -> dict[str, Any]:
+  conf_K, acc_K, count_K = counts.reliability()
+  return {"ece": float(counts.ece()), "brier": float(counts.brier()), "nll": score.nll,
+          "reliability": {"confidence": _finite(conf_K), "accuracy": _finite(acc_K), "count": count_K.tolist()}}
+
+
+def analysis_entries(scores: scoring.Scores, steps: list[tuple[str, int]]) -> dict[str, Any]:
+  """The report's "calibration", "diversity" and "ensembles_first_m" entries, from one scoring pass."""
+  return {
+      "calibration": {
+          "num_bins": int(np.shape(scores.member_calibration[0].bin_count_K)[0]),
+          "snapshots": [{"workdir": wd, "step": st, **_calibration(s, c)}
+                        for (wd, st), s, c in zip(steps, scores.members, scores.member_calibration)],
+          "ensembles": [{"m": i + 1, **_calibration(s, c)}
+                        for i, (s, c) in enumerate(zip(scores.last_m, scores.last_m_calibration))],
+      },
+      "diversity": {"disagreement": _finite(scores.diversity.disagreement()),
+                    "correlation": _finite(scores.diversity.correlation())},
+      "ensembles_first_m": [{"m": i + 1, **s.as_dict(), "ece": float(c.ece())}
+                            for i, (s, c) in enumerate(zip(scores.first_m, scores.first_m_calibration))],
+  }
+
+
 def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: str | None = None,
                   data_overrides: dict[str, str] | None = None, eval_batch_size: int | None = None,
-                  plot: bool = True, export_path: str | None = None) -> dict[str, Any]:
-  """Scores each snapshot of the runs and every last-m ensemble; writes report.json, report.md and a plot.
+                  plot: bool = True, export_path: str | None = None, analyses: list[str] | None = None,
+                  bn_batches: int = weight_analyses.DEFAULT_BN_BATCHES,
+                  interpolation_points: int = weight_analyses.DEFAULT_INTERPOLATION_POINTS) -> dict[str, Any]:
+  """Scores each snapshot of the runs, every last-m and first-m ensemble and the analyses; writes the report.
 
-  Every check of the input (runs, last_m, test data) runs before anything is restored or compiled.
+  report.json, report.md and (with plot) error_vs_m.png, reliability.png, diversity.png, and interpolation.png
+  when asked for. Every check of the input (runs, last_m, analyses, test and training data) runs before anything
+  is restored or compiled.
 
   Args:
     workdirs: one or more train.py workdirs; the snapshots of several runs (same model and dataset) are
@@ -169,17 +206,24 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     data_overrides: {"data_dir" | "fashion_mnist_dir" | "tiny_imagenet_dir": path} to read the test data
       from elsewhere than the run's config says.
     eval_batch_size: global test batch size (default: the run's config).
-    plot: also write error_vs_m.png.
+    plot: also write the figures (error_vs_m.png, reliability.png, diversity.png, interpolation.png).
     export_path: also write the headline ensemble as a serving artifact there (`export_run`), with its
       description in export_path + '.json'.
+    analyses: weight-space analyses to run, names from `weight_analyses.ANALYSES` ("weight_average",
+      "interpolation"); they pass over training batches (see `weight_analyses`).
+    bn_batches: training batches on which the analyses measure BatchNorm statistics (0: one epoch).
+    interpolation_points: lambdas of the interpolation, evenly spaced in [0, 1] with both ends.
 
   Returns:
     The report: "snapshots" (each one's workdir, step, error, nll, count), "ensembles" (each last-m), the
-    headline "ensemble" and "num_test_examples"; with export_path, "export" (the written description).
+    headline "ensemble" and "num_test_examples"; "calibration" (ece, brier, nll and reliability bins of every
+    snapshot and last-m ensemble), "diversity" (M x M "disagreement" and "correlation"), "ensembles_first_m";
+    with analyses, "weight_average" and/or "interpolation" and "bn_recompute"; with export_path, "export"
+    (the written description).
 
   Raises:
-    snapjax.errors.UserError: not a run, incompatible runs, no or corrupt snapshots, bad last_m, missing data,
-      an export path in a missing or read-only directory.
+    snapjax.errors.UserError: not a run, incompatible runs, no or corrupt snapshots, bad last_m, unknown
+      analyses, missing data, an export path in a missing or read-only directory.
 
   Example:
     >>> report = evaluate_runs(["runs/quickstart"], last_m=3)  # doctest: +SKIP
@@ -193,6 +237,7 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     workdir_lib.check_path(out_dir, "--out_dir")
   if export_path is not None:
     check_export_path(export_path)
+  analyses = weight_analyses.check_args(analyses, bn_batches, interpolation_points)
   configs = [load_run_config(wd) for wd in workdirs]
   check_compatible(configs, workdirs)
   config = configs[0]
@@ -205,7 +250,14 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   num_snaps = _count_snapshots(workdirs)
   if last_m is not None and (isinstance(last_m, bool) or not 1 <= last_m <= max(num_snaps, 1)):
     raise ConfigError(f"last_m={last_m} is out of range; allowed: 1..{num_snaps} (the number of snapshots)")
+  if analyses and num_snaps < 2:
+    raise ConfigError(f"--analyses={','.join(analyses)} needs at least 2 snapshots (it compares them with the "
+                      f"last); found {num_snaps}")
   test_arrays = exp.load_test_data()
+  if analyses:
+    train_arrays = weight_analyses.load_bn_data(exp)
+    num_train = len(train_arrays[1]) if train_arrays is not None else exp.spec.num_train
+    num_bn = weight_analyses.num_bn_batches(exp, num_train, bn_batches)
   members = restore_members(workdirs, exp)
   num = len(members)
   last_m = last_m or num
@@ -221,7 +273,12 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
       "snapshots": [{"workdir": wd, "step": st, **s.as_dict()} for (wd, st), s in zip(steps, scores.members)],
       "ensembles": [{"m": i + 1, **s.as_dict()} for i, s in enumerate(scores.last_m)],
       "ensemble": {"m": last_m, **headline.as_dict()},
+      **analysis_entries(scores, steps),
   }
+  if analyses:
+    report.update(weight_analyses.run(exp, stacked, steps, analyses, train_arrays=train_arrays,
+                                      test_arrays=test_arrays, num_batches=num_bn,
+                                      interpolation_points=interpolation_points, eval_batch_size=eval_batch_size))
   if jax.process_index() == 0:
     report_lib.write_report(report, out_dir or os.path.join(workdirs[0], "eval"), plot=plot)
   if export_path is not None:

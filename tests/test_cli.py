@@ -326,3 +326,32 @@ def test_eval_last_m_counts_snapshots_of_every_run(run_copy, trained, tmp_path):
   proc = _run("eval.py", "--workdir", workdir, "--workdir", other, "--last_m=5")
   _assert_usage_error(proc, "last_m=5", "allowed: 1..4")
   assert _tree_hashes(workdir) == before
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--analyses=foo"], ["--analyses", "unknown analysis 'foo'", "allowed: weight_average, interpolation"]),
+    (["--analyses=interpolation,calibration"], ["unknown analysis 'calibration'", "always in the report"]),
+    (["--analyses=weight_average", "--bn_batches=-1"], ["--bn_batches=-1", "integer >= 0", "one epoch"]),
+    (["--analyses=interpolation", "--interpolation_points=1"], ["--interpolation_points=1", "integer >= 2"]),
+    (["--bn_batches=few"], ["--bn_batches=few", "expected an integer"]),
+], ids=["unknown", "calibration", "bn_batches=-1", "interpolation_points=1", "bn_batches=few"])
+def test_eval_bad_analyses(flags, needles, run_copy):
+  workdir, before = run_copy
+  _assert_usage_error(_run("eval.py", "--workdir", workdir, *flags), *needles)
+  assert _tree_hashes(workdir) == before
+
+
+def test_eval_analyses_write_their_figures_and_log_progress(run_copy):
+  workdir, _ = run_copy
+  proc = _run("eval.py", "--workdir", workdir, "--analyses=weight_average,interpolation", "--bn_batches=2",
+              "--interpolation_points=3")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout.splitlines()
+  assert out[0].startswith("best single snapshot error")  # report.summary's line stays first.
+  assert out[1].startswith("weight average of the last 2 snapshots error")
+  assert out[2].startswith("interpolation to the last snapshot")
+  assert "2/2 batches (100%)" in proc.stderr and "ETA" in proc.stderr
+  for name in ("reliability.png", "diversity.png", "interpolation.png"):
+    assert os.path.getsize(os.path.join(workdir, "eval", name)) > 0
+  report = json.load(open(os.path.join(workdir, "eval", "report.json")))
+  assert len(report["interpolation"][0]["lambdas"]) == 3 and report["bn_recompute"]["batches"] == 2

@@ -3,7 +3,7 @@ import doctest
 
 import pytest
 
-from snapjax import analysis, ensemble, export, schedules
+from snapjax import analysis, ensemble, export, schedules, weight_space
 
 # Every public function (and Counts) documents itself with an `Examples:` section; the totals are the
 # `>>>` lines written, so deleting examples fails here too.
@@ -14,6 +14,7 @@ DOCUMENTED = {
                 "Counts"), 41),
     export: (("export_ensemble", "load_exported"), 15),
     analysis: (("calibration_counts", "diversity_counts", "CalibrationCounts", "DiversityCounts"), 32),
+    weight_space: (("average_snapshots", "interpolate_snapshots", "recompute_batch_stats"), 20),
 }
 
 

@@ -1,0 +1,249 @@
+"""eval.py's analyses in weight space (--analyses): weight-averaged snapshots and the paper's interpolation (Fig. 5).
+
+Both evaluate networks that no training run produced, so both first measure their BatchNorm statistics again on
+training batches (`weight_space.recompute_batch_stats`), then score them on the test split:
+
+  weight_average: the weights of the last m snapshots averaged (SWA-style), m = 2..M.
+  interpolation: for each earlier snapshot i, theta(lambda) = lambda * theta_M + (1 - lambda) * theta_i at
+    `interpolation_points` evenly spaced lambdas in [0, 1] (default 11: 0, 0.1, ..., 1). lambda = 1 is theta_M
+    for every i and is evaluated once.
+
+All the points of every requested analysis are stacked (P of them) and go through two passes: one over the
+BatchNorm batches (each batch runs every point, one at a time), one over the test split. Every point sees the same
+BatchNorm batches, so lambda = 0 is snapshot i and lambda = 1 the last snapshot, each with its statistics measured
+the same way as every point between them.
+
+The BatchNorm batches: `bn_batches` batches (default 50; 0 = one epoch) of the run's global batch size, drawn
+from the run's training split (config.train_split, else the dataset's) with the run's training augmentation,
+since that is what the snapshots' running statistics averaged over in training. In-memory datasets: a fixed
+random subset (seed 0, no example twice) through the run's on-device augmentation with fixed keys. Streamed
+datasets (ImageNet): the first `bn_batches` batches of the training stream with seed 0 (its random-resized crops
+and flips). The same batches every time, so the analyses are deterministic.
+"""
+import functools
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from snapjax import data, experiment, scoring, weight_space
+from snapjax.errors import ConfigError
+
+PyTree = Any
+ANALYSES = ("weight_average", "interpolation")
+DEFAULT_BN_BATCHES = 50
+DEFAULT_INTERPOLATION_POINTS = 11
+BN_SEED = 0
+_LOG_EVERY_S = 10.0
+
+
+def check_args(analyses: Sequence[str] | None, bn_batches: int, interpolation_points: int) -> tuple[str, ...]:
+  """The requested analyses (known names, in ANALYSES order, no repeats), or a one-line ConfigError."""
+  names = [str(a).strip() for a in (analyses or ()) if str(a).strip()]
+  for name in names:
+    if name not in ANALYSES:
+      raise ConfigError(f"--analyses: unknown analysis {name!r}; allowed: {', '.join(ANALYSES)} (comma-separated; "
+                        f"calibration and diversity are always in the report)")
+  if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+    raise ConfigError(f"--bn_batches={bn_batches!r}; allowed: an integer >= 0 (0: one epoch of the training split)")
+  if isinstance(interpolation_points, bool) or not isinstance(interpolation_points, int) or interpolation_points < 2:
+    raise ConfigError(f"--interpolation_points={interpolation_points!r}; allowed: an integer >= 2 "
+                      f"(lambdas 0, 1/(n-1), ..., 1)")
+  return tuple(a for a in ANALYSES if a in names)
+
+
+def train_split(exp: experiment.Experiment) -> str:
+  return exp.config.train_split or exp.spec.train_split
+
+
+def bn_batch_size(exp: experiment.Experiment) -> int:
+  """The run's global batch size, rounded up to a multiple of this mesh's device count."""
+  return experiment.round_up(exp.config.batch_size, exp.mesh.devices.size)
+
+
+def num_bn_batches(exp: experiment.Experiment, num_train: int, bn_batches: int) -> int:
+  """bn_batches, at most one epoch of full batches (0: exactly one epoch); ConfigError if not even one fits."""
+  batch = bn_batch_size(exp)
+  epoch = num_train // batch
+  if epoch < 1:
+    raise ConfigError(f"the training split {train_split(exp)!r} has {num_train} examples, fewer than one batch of "
+                      f"{batch}: the BatchNorm statistics of --analyses need at least one full training batch")
+  return epoch if bn_batches == 0 else min(bn_batches, epoch)
+
+
+def load_bn_data(exp: experiment.Experiment) -> tuple[np.ndarray, np.ndarray] | None:
+  """The training split in memory, or None for a streamed dataset after checking that its data is prepared.
+
+  Called before anything is restored or compiled, like `Experiment.load_test_data`.
+  """
+  if exp.spec.in_memory:
+    return exp.load_split(train_split(exp))
+  exp.stream(train_split(exp), batch_size_per_host=1, train=True, seed=BN_SEED)
+  return None
+
+
+@functools.cache
+def _augment_fn(spec: data.DatasetSpec) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  return jax.jit(lambda key, x: data.augment_batch(key, x, spec, train=True))
+
+
+def bn_batches(exp: experiment.Experiment, train_arrays: tuple[np.ndarray, np.ndarray] | None,
+               num_batches: int) -> Iterator[jax.Array]:
+  """The BatchNorm batches (module docstring): `num_batches` global training batches, sharded over the mesh."""
+  batch = bn_batch_size(exp)
+  if train_arrays is not None:
+    images = train_arrays[0]
+    if num_batches * batch > len(images):
+      raise ValueError(f"{num_batches} batches of {batch} need {num_batches * batch} examples; the split has "
+                       f"{len(images)}")
+    order = np.random.default_rng(BN_SEED).permutation(len(images))[:num_batches * batch]
+    augment, key = _augment_fn(exp.spec), jax.random.PRNGKey(BN_SEED)
+    for k in range(num_batches):
+      x = experiment.put_sharded(exp.mesh, images[order[k * batch:(k + 1) * batch]])
+      yield augment(jax.random.fold_in(key, k), x)
+    return
+  sharding = NamedSharding(exp.mesh, P(experiment.DATA_AXIS))
+  stream = exp.stream(train_split(exp), batch_size_per_host=batch // jax.process_count(), train=True, seed=BN_SEED)
+  for _ in range(num_batches):
+    yield jax.make_array_from_process_local_data(sharding, next(stream)["image"])
+
+
+@functools.cache
+def train_apply_fn(exp: experiment.Experiment) -> weight_space.TrainApplyFn:
+  """(variables, x) -> (logits, {'batch_stats'}): the model in training mode, as `recompute_batch_stats` needs.
+
+  Dropout (if the model has it) runs as in training, with a fixed key. One function per experiment (it keys the
+  compile cache).
+  """
+  model, dtype, key = exp.model, exp.compute_dtype, jax.random.PRNGKey(BN_SEED)
+  return lambda variables, x: model.apply(variables, x.astype(dtype), train=True, mutable=["batch_stats"],
+                                          rngs={"dropout": key})
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+  """Logs 'WHAT: k/N batches (x%), elapsed, ETA' at most every 10 s, and at the last batch."""
+
+  def __init__(self, what: str, total: int | None, every_s: float = _LOG_EVERY_S):
+    self.what, self.total, self.every_s = what, total, every_s
+    self.start = self.last = time.monotonic()
+
+  def __call__(self, done: int) -> None:
+    now = time.monotonic()
+    if (now - self.last < self.every_s and done != self.total) or jax.process_index() != 0:
+      return  # One progress log for a multi-host run, as training's.
+    self.last = now
+    elapsed = now - self.start
+    if self.total:
+      eta = elapsed / done * (self.total - done)
+      logging.info("%s: %d/%d batches (%.0f%%), %s elapsed, ETA %s", self.what, done, self.total,
+                   100 * done / self.total, _duration(elapsed), _duration(eta))
+    else:
+      logging.info("%s: %d batches, %s elapsed", self.what, done, _duration(elapsed))
+
+
+def _counted(batches: Iterable[Any], progress: Progress) -> Iterator[Any]:
+  """Yields the batches; reports each one done when the consumer asks for the next (scoring syncs per batch)."""
+  done = 0
+  for b in batches:
+    yield b
+    done += 1
+    progress(done)
+
+
+def _concat(parts: list[PyTree]) -> PyTree:
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+def _take(stacked: PyTree, i: int) -> PyTree:
+  return jax.tree.map(lambda a: a[i], stacked)
+
+
+def run(exp: experiment.Experiment, stacked: PyTree, steps: list[tuple[str, int]], analyses: Sequence[str], *,
+        train_arrays: tuple[np.ndarray, np.ndarray] | None, test_arrays: tuple[np.ndarray, np.ndarray] | None,
+        num_batches: int, interpolation_points: int = DEFAULT_INTERPOLATION_POINTS,
+        eval_batch_size: int | None = None) -> dict[str, Any]:
+  """The report entries of the requested analyses ('weight_average', 'interpolation', 'bn_recompute').
+
+  Args:
+    exp: the run set-up (mesh, apply_fn, test batches).
+    stacked: the M snapshots (`stack_snapshots`), M >= 2, in training order.
+    steps: (workdir, step) of each snapshot.
+    analyses: names from ANALYSES.
+    train_arrays: the training split in memory (`load_bn_data`), None for a streamed dataset.
+    test_arrays: the test split in memory, None for a streamed dataset.
+    num_batches: BatchNorm batches (`num_bn_batches`).
+    interpolation_points: lambdas evenly spaced in [0, 1], both ends included.
+    eval_batch_size: global test batch size (default: the run's config).
+
+  Returns:
+    {"weight_average": [{"m", "error", "nll", "ece", "brier", "count"} for m = 2..M]} and/or
+    {"interpolation": [{"snapshot", "workdir", "step", "lambdas", "error", "nll"} for each earlier snapshot]},
+    and "bn_recompute": how the BatchNorm statistics were measured.
+  """
+  num = len(steps)
+  if num < 2:
+    raise ValueError(f"the weight-space analyses need at least 2 snapshots, got {num}")
+  parts, layout = [], {}
+  if "weight_average" in analyses:
+    layout["weight_average"] = sum(len(jax.tree.leaves(p)[0]) for p in parts)
+    parts += [jax.tree.map(lambda a: a[None], weight_space.average_snapshots(stacked, m)) for m in range(2, num + 1)]
+  lambdas = np.linspace(0.0, 1.0, interpolation_points)
+  if "interpolation" in analyses:
+    layout["interpolation"] = sum(len(jax.tree.leaves(p)[0]) for p in parts)
+    final = _take(stacked, num - 1)
+    parts += [weight_space.interpolate_snapshots(_take(stacked, i), final, lambdas[:-1]) for i in range(num - 1)]
+    parts.append(jax.tree.map(lambda a: a[None], final))  # lambda = 1, shared by every i.
+  points = _concat(parts)
+  num_points = len(jax.tree.leaves(points)[0])
+  batch = bn_batch_size(exp)
+  if jax.process_index() == 0:
+    logging.info("Analyses %s: %d networks in weight space; pass 1/2 measures their BatchNorm statistics on %d "
+                 "training batches of %d, pass 2/2 scores them on the test split", ", ".join(analyses), num_points,
+                 num_batches, batch)
+
+  start = time.monotonic()
+  points = weight_space.recompute_batch_stats(
+      train_apply_fn(exp), points, bn_batches(exp, train_arrays, num_batches), stacked=True,
+      progress=Progress(f"BatchNorm statistics of {num_points} networks", num_batches))
+  bn_seconds = time.monotonic() - start
+  test_batch = experiment.round_up(eval_batch_size or exp.config.eval_batch_size, exp.mesh.devices.size)
+  num_test = len(test_arrays[1]) if test_arrays is not None else exp.spec.num_eval
+  progress = Progress(f"test scores of {num_points} networks", -(-num_test // test_batch))
+  scores, calibration = scoring.score_members(
+      exp.apply_fn, points, _counted(exp.test_batches(eval_batch_size, test_arrays), progress))
+  if jax.process_index() == 0:
+    logging.info("Analyses done in %s (BatchNorm statistics %s, test scores %s)",
+                 _duration(time.monotonic() - start), _duration(bn_seconds),
+                 _duration(time.monotonic() - start - bn_seconds))
+
+  out = {}
+  if "weight_average" in analyses:
+    first = layout["weight_average"]
+    out["weight_average"] = [
+        {"m": m, "error": scores[k].error, "nll": scores[k].nll, "ece": float(calibration[k].ece()),
+         "brier": float(calibration[k].brier()), "count": scores[k].count}
+        for m, k in zip(range(2, num + 1), range(first, first + num - 1))]
+  if "interpolation" in analyses:
+    first, per = layout["interpolation"], interpolation_points - 1
+    last = first + (num - 1) * per  # The shared lambda = 1 point.
+    out["interpolation"] = []
+    for i in range(num - 1):
+      ks = [*range(first + i * per, first + (i + 1) * per), last]
+      out["interpolation"].append({
+          "snapshot": i + 1, "workdir": steps[i][0], "step": steps[i][1],
+          "lambdas": [round(float(l), 12) for l in lambdas],
+          "error": [scores[k].error for k in ks], "nll": [scores[k].nll for k in ks]})
+  out["bn_recompute"] = {
+      "split": train_split(exp), "batches": num_batches, "batch_size": batch, "examples": num_batches * batch,
+      "augment": exp.spec.augment, "streamed": not exp.spec.in_memory, "networks": num_points,
+      "seconds": round(time.monotonic() - start, 1)}
+  return out
