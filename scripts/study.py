@@ -378,7 +378,8 @@ def _shown(path: str) -> str:
 
 
 def train_argv(arm: str, seed: int, workdir: str, overrides: dict[str, Any]) -> list[str]:
-  return ["python", "train.py", "--config", f"{CONFIG_FILE}:{arm}", "--workdir", _shown(workdir), f"--config.seed={seed}",
+  return ["python", "train.py", "--config", f"{CONFIG_FILE}:{arm}", "--workdir", _shown(workdir),
+          f"--config.seed={seed}",
           *[f"--config.{k}={_fmt_override(v)}" for k, v in overrides.items()]]
 
 

@@ -1,4 +1,4 @@
-"""scripts/study.py (issue 9): the whole pipeline on tiny data, resuming and skipping, the statistics and the wording."""
+"""scripts/study.py (issue 9): the pipeline on tiny data, resuming and skipping, the statistics, the wording."""
 import importlib.util
 import json
 import os
