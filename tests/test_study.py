@@ -20,7 +20,8 @@ def _load(name):
 
 study = _load("study")
 SECTIONS = ("## Agreement with the paper", "## Results", "## Paired differences",
-            "## Ensemble size and diversity of one Snapshot Ensemble run", "## Budget", "## Wall time and command")
+            "## Ensemble size and diversity of one Snapshot Ensemble run", "## Did each cycle converge?", "## Budget",
+            "## Wall time and command")
 
 
 def test_the_config_has_every_arm_on_one_budget():
@@ -109,6 +110,20 @@ def test_the_approach_fraction_follows_the_numbers():
   results = study.summarize(_fake({"snapshot": [0.10, 0.10], "single": [0.12, 0.11]}, 0.09))
   text = next(c for c in results["comparisons"] if c["a"] == study.TRUE_ENSEMBLE_ARM)["text"]
   assert "seed 0: 67%" in text and "seed 1: 50%" in text  # (0.12 - 0.10) / (0.12 - 0.09), (0.11 - 0.10) / 0.02.
+  results = study.summarize(_fake({"snapshot": [0.10, 0.10], "single": [0.12, 0.085]}, 0.09))
+  text = next(c for c in results["comparisons"] if c["a"] == study.TRUE_ENSEMBLE_ARM)["text"]
+  assert "seed 0: 67%" in text and "no worse than the true ensemble: seed 1;" in text
+
+
+def test_the_convergence_check_follows_the_snapshot_errors():
+  results = _fake({"snapshot": [0.10, 0.11], "single": [0.12, 0.12]})
+  for run in results["arms"]["snapshot"]["runs"].values():
+    run["snapshot_errors"] = [0.14, 0.12, 0.11, 0.105]  # Every cycle better than the last.
+  page = study.render_markdown(study.summarize(results))
+  assert "| 14.00 | 12.00 | 11.00 | 10.50 | 2 of 2 seeds | 1 of 2 seeds |" in page
+  assert "beats its best single snapshot in 1 of 2 seeds" in page
+  results["arms"]["snapshot"]["runs"]["0"]["error"] = 0.106  # Now the ensemble never beats the last snapshot.
+  assert "the cycles did not converge on this budget" in study.render_markdown(study.summarize(results))
 
 
 def test_dry_run_prints_the_real_plan(capsys):
