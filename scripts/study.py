@@ -149,16 +149,19 @@ def _pm(stats: dict[str, Any], scale: float = 100.0, digits: int = 2, signed: bo
   return mean if stats["std"] is None else f"{mean} ± {scale * stats['std']:.{digits}f}"
 
 
+TIE = 1e-9  # Test errors are counts over the test set: differences this small are float noise, a tie.
+
+
 def verdict(diffs: dict[str, float]) -> str:
-  """'agrees' (a < b in every seed), 'disagrees' (a > b in every seed), 'mixed', or 'not run'."""
+  """'agrees' (a < b in every seed), 'disagrees' (a > b in every seed), 'inconclusive', or 'not run'."""
   if not diffs:
     return "not run"
   values = list(diffs.values())
-  if all(d < 0 for d in values):
+  if all(d < -TIE for d in values):
     return "agrees"
-  if all(d > 0 for d in values):
+  if all(d > TIE for d in values):
     return "disagrees"
-  return "mixed"
+  return "inconclusive"
 
 
 def compare(results: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
@@ -171,15 +174,17 @@ def compare(results: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     out[metric] = {"per_seed": diffs, **mean_std(list(diffs.values()))}
   diffs = out["error"]["per_seed"]
   out["verdict"] = verdict(diffs)
-  n, lower = len(diffs), sum(d < 0 for d in diffs.values())
+  n, lower = len(diffs), sum(d < -TIE for d in diffs.values())
+  ties = sum(abs(d) <= TIE for d in diffs.values())
   if not n:
     out["text"] = f"not run: no seed has both {out['label_a']} and {out['label_b']}."
     return out
-  word = {"agrees": "agrees with the claim", "disagrees": "disagrees with the claim",
-          "mixed": "inconclusive (the seeds disagree)"}[out["verdict"]]
+  who = "the paper" if spec["source"].startswith("paper") else "the claim"
+  word = {"agrees": f"agrees with {who}", "disagrees": f"disagrees with {who}",
+          "inconclusive": "inconclusive: the seeds disagree"}[out["verdict"]]
   per_seed = ", ".join(f"seed {s}: {_pct(d, True)}" for s, d in diffs.items())
-  text = (f"{word}: {out['label_a']} has a lower test error than {out['label_b']} in {lower} of {n} "
-          f"seed{'s' if n > 1 else ''} (a - b = {_pm(out['error'], signed=True)} points; {per_seed}).")
+  text = (f"**{word}**. {out['label_a']} had the lower test error in {lower} of {n} seed{'s' if n > 1 else ''}"
+          f"{f' ({ties} tied)' if ties else ''}: a - b = {_pm(out['error'], signed=True)} points ({per_seed}).")
   if n < 2:
     text += " One seed only: no spread, no conclusion."
   if spec.get("approach"):
@@ -241,9 +246,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
   lines += ["## Agreement with the paper", "",
             "Each line is generated from the per-seed paired differences of test error (arm a - arm b): "
             "*agrees* when the claim holds in every seed, *disagrees* when the opposite holds in every seed, "
-            "*inconclusive* otherwise.", ""]
+            "*inconclusive* otherwise (a tie counts against both).", ""]
   for c in summary["comparisons"]:
-    lines.append(f"- **{c['label_a']} vs {c['label_b']}** ({c['source']}: {c['claim']}): {c['text']}")
+    lines.append(f"- {c['label_a']} vs {c['label_b']} ({c['source']}: {c['claim']}): {c['text']}")
   lines += ["", "## Results", "",
             f"Test error, NLL and ECE (15 bins) on the {summary.get('num_test_examples', 'n/a')} test images, "
             f"mean ± sample std (ddof = 1) over seeds; each ensemble arm is the ensemble of all its snapshots. "

@@ -84,25 +84,28 @@ def test_mean_std_and_paired_differences_match_numpy(tmp_path):
 
 
 def _sentence(page: str, a: str, b: str) -> str:
-  return next(l for l in page.splitlines() if l.startswith(f"- **{study.LABELS[a]} vs {study.LABELS[b]}**"))
+  return next(l for l in page.splitlines() if l.startswith(f"- {study.LABELS[a]} vs {study.LABELS[b]} ("))
 
 
-@pytest.mark.parametrize("sign, word, verdict", [(-1, "agrees with the claim", "agrees"),
-                                                 (+1, "disagrees with the claim", "disagrees")])
+@pytest.mark.parametrize("sign, word, verdict", [(-1, "**agrees with the paper**", "agrees"),
+                                                 (+1, "**disagrees with the paper**", "disagrees")])
 def test_the_agreement_wording_follows_the_numbers(tmp_path, sign, word, verdict):
   single = [0.110, 0.108, 0.112]
   se = [e + sign * d for e, d in zip(single, (0.004, 0.001, 0.006))]
   summary = study.write_results(_fake({"snapshot": se, "single": single}, 0.095), str(tmp_path))
   page = (tmp_path / "fashion_mnist.md").read_text()
   line = _sentence(page, "snapshot", "single")
-  assert word in line and f"in {3 if sign < 0 else 0} of 3 seeds" in line
+  assert word in line and f"lower test error in {3 if sign < 0 else 0} of 3 seeds" in line
   assert {(c["a"], c["b"]): c["verdict"] for c in summary["comparisons"]}[("snapshot", "single")] == verdict
   assert "closes" in _sentence(page, study.TRUE_ENSEMBLE_ARM, "snapshot")
   # Mixed signs across seeds: neither agreement nor disagreement.
   mixed = study.write_results(_fake({"snapshot": [0.10, 0.12, 0.10], "single": [0.11, 0.11, 0.11]}), str(tmp_path))
-  assert "inconclusive (the seeds disagree)" in _sentence((tmp_path / "fashion_mnist.md").read_text(),
-                                                          "snapshot", "single")
-  assert mixed["comparisons"][0]["verdict"] == "mixed"
+  assert "**inconclusive: the seeds disagree**" in _sentence((tmp_path / "fashion_mnist.md").read_text(),
+                                                             "snapshot", "single")
+  assert mixed["comparisons"][0]["verdict"] == "inconclusive"
+  # A tie (float noise in a difference of equal errors) agrees with neither direction.
+  tied = study.summarize(_fake({"snapshot": [0.1, 0.099, 0.1], "single": [0.11, 0.099, 0.11]}))
+  assert tied["comparisons"][0]["verdict"] == "inconclusive" and "(1 tied)" in tied["comparisons"][0]["text"]
   assert "not run" in _sentence((tmp_path / "fashion_mnist.md").read_text(), "snapshot", "nocycle")
 
 
