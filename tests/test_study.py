@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 
-import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
