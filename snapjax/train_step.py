@@ -185,6 +185,7 @@ class InMemoryBatches:
     self._perm, self._perm_epoch = None, None
     self._plan = plan
     self._dtype = exp.compute_dtype
+    self._replicated = exp.replicated
     # XLA:CPU compiles convolutions in a loop body unlike those at the top level (see snapjax/dispatch.py).
     self._canonical_convs = exp.mesh.devices.flat[0].platform == "cpu"
     self.steps_per_dispatch = steps_per_dispatch
@@ -220,11 +221,14 @@ class InMemoryBatches:
       return dispatch.run_steps(body, k, state, images, labels, perm, num_steps=num_steps)
 
     jitted = jax.jit(train_steps, donate_argnums=(0,))
+    counts = {}  # n -> the count on the devices, made once (a host scalar would be copied at every call).
 
     def update(state, step=None, n=1):
       assert 1 <= n <= k, (n, k)
       step = int(jax.device_get(state["step"])) if step is None else step
-      return jitted(state, self._images, self._labels, self.permutation(step), np.int32(n))
+      if n not in counts:
+        counts[n] = jax.device_put(np.int32(n), self._replicated)
+      return jitted(state, self._images, self._labels, self.permutation(step), counts[n])
 
     return update
 

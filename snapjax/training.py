@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import jax
@@ -21,6 +21,9 @@ from snapjax import config as config_lib
 from snapjax.errors import CheckpointError
 
 PyTree = Any
+
+
+_MAX_UNCHECKED = 1024  # Dispatches the loop may run ahead of its non-finite check between logs and saves.
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,6 +90,7 @@ class _Preemption:
     self._sync_manager = False
     self._hooks = hooks
     self._start, self._calls = 0, 0  # The sync point counter is start + dispatches: consecutive, as the service needs.
+    self._processes = jax.process_count()
 
   def __enter__(self):
     """One process: catch SIGTERM from the start, so a notice during set-up or compilation is kept too."""
@@ -124,7 +128,7 @@ class _Preemption:
     self._calls += 1
     if self._hooks.stop_at is not None and any([self._hooks.stop_at(s) for s in range(first, last + 1)]):
       return True
-    if jax.process_count() == 1:
+    if self._processes == 1:
       return self.requested
     from jax.experimental import multihost_utils
     if self._sync_manager:  # Counter start + dispatches: consecutive on every host (K = 1: the step).
@@ -260,24 +264,27 @@ def _train(run: _Run, preemption: _Preemption, hooks: Hooks) -> TrainResult:
   source = _batch_source(run, start, data_key, aug_key)
   update = source.compile(hooks.wrap_step(step_fn) if hooks.wrap_step else step_fn)
   plan, config, scores = run.plan, run.config, []
-  pending = None  # The previous dispatch, checked after the next one is dispatched.
+  log_every, save_every = config.log_every_steps, config.checkpoint_every_steps  # Read once: ConfigDict is slow.
+  pending = []  # Dispatches not yet checked for non-finite values: checked before anything is logged or saved.
   window = _Window(time.time(), start)
   preemption.begin(start)
   step = start  # Updates done.
   while step < plan.total_steps:
     first = step + 1
     step = dispatch.dispatch_end(step, source.steps_per_dispatch, plan.total_steps, at=plan.snapshot_steps,
-                                 every=(config.log_every_steps, config.checkpoint_every_steps, source.period))
+                                 every=(log_every, save_every, source.period))
     state, metrics = update(state, first - 1, step - first + 1)
-    if pending is not None:
-      _check_finite(pending, run.ckpt)
-    pending = done = _Dispatch(first, step, metrics)
+    done = _Dispatch(first, step, metrics)
+    pending.append(done)
+    if len(pending) > _MAX_UNCHECKED:  # Bounds what is held, and the updates run past a divergence.
+      _check_finite(pending[:-1], run.ckpt)
+      del pending[:-1]
     snapshot = itstime(step, at=plan.snapshot_steps)
-    save = itstime(step, config.checkpoint_every_steps, plan.total_steps, at=plan.snapshot_steps)
-    log = itstime(step, config.log_every_steps, plan.total_steps)
+    save = itstime(step, save_every, plan.total_steps, at=plan.snapshot_steps)
+    log = itstime(step, log_every, plan.total_steps)
     if save or log:  # Nothing non-finite is logged or saved.
       _check_finite(pending, run.ckpt)
-      pending = None
+      pending.clear()
     if log:
       _log_progress(run, step, done.metrics(step), window)
     if snapshot and (score := _take_snapshot(run, state, step)) is not None:
@@ -285,16 +292,14 @@ def _train(run: _Run, preemption: _Preemption, hooks: Hooks) -> TrainResult:
     if save:
       _save_state(run, step, state, hooks)
     if preemption.should_stop(first, step) and step < plan.total_steps:  # Every host asks after every dispatch.
-      if pending is not None:
-        _check_finite(pending, run.ckpt)
+      _check_finite(pending, run.ckpt)
       if not save:
         _save_state(run, step, state, hooks)
       run.ckpt.wait()
       logging.warning("Preempted: state saved at step %d of %d; re-run the same command to resume.",
                       step, plan.total_steps)
       return TrainResult(True, step, list(plan.snapshot_steps), scores)
-  if pending is not None:
-    _check_finite(pending, run.ckpt)
+  _check_finite(pending, run.ckpt)
   run.ckpt.wait()  # Still under the SIGTERM handler: a notice now cannot cut the final saves.
   return TrainResult(False, plan.total_steps, list(plan.snapshot_steps), scores)
 
@@ -352,16 +357,11 @@ def _check_snapshots(run: _Run, start: int, state: PyTree) -> None:
           f"pass --fresh to retrain")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Dispatch:
+class _Dispatch(NamedTuple):  # A NamedTuple: made at every dispatch, and cheap to make.
   """Updates first..last (as logged: 1-based), run by one call of the compiled update, and their metrics."""
   first: int
   last: int
   stacked: dict[str, jax.Array]  # Scalars (one update per call) or one row per update (the first ones filled).
-
-  def finite(self) -> np.ndarray:
-    """Whether each update's loss and gradient norm were finite (pulls steps_per_dispatch booleans)."""
-    return np.reshape(jax.device_get(self.stacked["finite"]), -1)[: self.last - self.first + 1]
 
   def metrics(self, step: int) -> dict[str, np.ndarray]:
     """The host values of one update's metrics."""
@@ -375,13 +375,17 @@ class _Window:
   step0: int
 
 
-def _check_finite(pending: _Dispatch, ckpt: checkpoints.RunCheckpoints) -> None:
-  """Raise TrainingDiverged, naming the first such update, if any update of the dispatch had a non-finite loss or
-  gradient."""
-  finite = pending.finite()
-  if not finite.all():
-    step = pending.first + int(np.argmin(finite))
-    m = pending.metrics(step)
+def _check_finite(dispatches: list[_Dispatch], ckpt: checkpoints.RunCheckpoints) -> None:
+  """Raise TrainingDiverged, naming the first such update, if any update of these dispatches had a non-finite loss
+  or gradient. One device sync for all of them: the loop does not wait for each dispatch."""
+  if not dispatches:
+    return
+  for d, finite in zip(dispatches, jax.device_get([d.stacked["finite"] for d in dispatches])):
+    finite = np.reshape(finite, -1)[: d.last - d.first + 1]
+    if finite.all():
+      continue
+    step = d.first + int(np.argmin(finite))
+    m = d.metrics(step)
     ckpt.wait()  # Saves in flight (all of good steps) commit first, so the message names what is on disk.
     saved = ckpt.snapshot_steps()
     last = f"step {saved[-1]} ({ckpt.snapshot_path(saved[-1])})" if saved else "none"
