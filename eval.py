@@ -13,6 +13,8 @@ flags.DEFINE_string("fashion_mnist_dir", None, "Override the run's Fashion-MNIST
 flags.DEFINE_string("tiny_imagenet_dir", None, "Override the run's Tiny ImageNet directory.")
 flags.DEFINE_string("export", None, "Also write the headline ensemble (--last_m) as one jax.export file for "
                     "serving, raw images in, probabilities out; its description goes to FILE.json.")
+flags.DEFINE_string("compilation_cache_dir", None, "Opt-in: keep compiled programs in this directory (local or a "
+                    "bucket) and reuse them in later runs: JAX's persistent compilation cache.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -20,6 +22,7 @@ def main(argv):
   cli.setup_logging()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
+  cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
   from snapjax import evaluation, report as report_lib
   overrides = {"data_dir": FLAGS.data_dir, "fashion_mnist_dir": FLAGS.fashion_mnist_dir,
                "tiny_imagenet_dir": FLAGS.tiny_imagenet_dir}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from snapjax import checkpoints, dispatch, evaluation, training
+from snapjax import checkpoints, dispatch, training
 from snapjax.errors import ConfigError
 
 from helpers import snapshot_arrays, tiny_config
@@ -173,23 +173,3 @@ def test_nonfinite_update_inside_a_dispatch_is_named_by_its_step(tiny_data, tmp_
 def test_steps_per_dispatch_must_be_a_positive_integer(tiny_data, tmp_path, value):
   with pytest.raises(ConfigError, match=re.escape(f"steps_per_dispatch must be an integer >= 1, got {value!r}")):
     training.train_and_evaluate(tiny_config(tiny_data, steps_per_dispatch=value), str(tmp_path / "w"))
-
-
-def test_train_step_and_evaluator_compile_once_per_run(tiny_data, tmp_path):
-  """Two snapshots scored while training, then eval.py's logic: each program compiles once, however often it runs.
-
-  Programs made for a run (the step, its data order, the initialiser, the evaluator of the run's model) compile once
-  per run; the module-level scoring sum compiles at most once per process (an earlier test may have compiled it).
-  """
-  workdir = str(tmp_path / "run")
-  per_run = ("train_step", "epoch_permutation", "init_state", "_ensemble", "normalize")
-  with _Compiles() as compiles:
-    training.train_and_evaluate(tiny_config(tiny_data), workdir)
-  for name in per_run:
-    assert compiles.count[f"jit({name})"] == 1, (name, compiles.count)
-  assert compiles.count["jit(_member_and_last_m_counts)"] <= 1, compiles.count
-  with _Compiles() as compiles:
-    evaluation.evaluate_runs([workdir], plot=False)
-  for name in ("_ensemble", "normalize"):
-    assert compiles.count[f"jit({name})"] == 1, (name, compiles.count)
-  assert compiles.count["jit(_member_and_last_m_counts)"] <= 1, compiles.count
