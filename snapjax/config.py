@@ -15,7 +15,7 @@ AUGMENTS = ("", "crop_flip", "none")
 # Fields that may change when a run resumes in its workdir: they do not change what is trained.
 MUTABLE_ON_RESUME = frozenset({
     "data_dir", "fashion_mnist_dir", "tiny_imagenet_dir", "eval_batch_size", "log_every_steps",
-    "checkpoint_every_steps", "eval_snapshots"})
+    "checkpoint_every_steps", "eval_snapshots", "steps_per_dispatch"})
 # Fields that must agree between runs whose snapshots eval.py ensembles together (one architecture, one input).
 SAME_ACROSS_RUNS = ("model", "dataset", "dtype", "stem_stride", "image_size")
 
@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 100  # Progress line and TensorBoard scalars every this many steps.
   c.checkpoint_every_steps = 1000  # Save the full train state (for resuming) every this many steps.
   c.eval_snapshots = True  # Score every snapshot on the test split when it is taken.
+  # Updates per compiled call (in-memory datasets; streamed ones run 1): K > 1 runs up to K steps in one device loop,
+  # ending at every snapshot, save and log step, with the same results (docs/performance.md, "Steps per dispatch").
+  c.steps_per_dispatch = 1
   return c
 
 
@@ -206,7 +209,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
 
   for name in ("num_cycles", "batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
-               "smoothout_chunks"):
+               "smoothout_chunks", "steps_per_dispatch"):
     positive_int(name)
   if config.stem_stride not in (1, 2):
     raise ConfigError(f"stem_stride must be 1 or 2, got {config.stem_stride!r}")
