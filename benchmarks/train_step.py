@@ -23,6 +23,9 @@ import statistics
 import sys
 import time
 
+if "--one_core" in sys.argv:  # Before JAX and PyTorch size their thread pools.
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # This checkout's snapjax.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,9 +54,14 @@ def _parse() -> argparse.Namespace:
                       "'xla' (XLA's own VJP: before), 'cpu' (the CPU weight gradient)")
   p.add_argument("--no_torch", action="store_true", help="time snapjax only")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
+  p.add_argument("--one_core", action="store_true",
+                 help="pin the process to one core (PyTorch: 1 thread; XLA sizes its pools from the affinity): "
+                      "compares the libraries' per-core efficiency, far less sensitive to other processes' load")
   p.add_argument("--profile", action="store_true",
                  help="after the table, per-op time of one step of each implementation (jax.profiler / torch.profiler)")
   args = p.parse_args()
+  if args.one_core:
+    args.threads = 1
   for name in ("repeats", "steps", "threads"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -148,7 +156,8 @@ def main() -> None:
   batches = [int(b) for b in args.batches.split(",") if b.strip()]
   variants = [v.strip() for v in args.jax.split(",") if v.strip()]
   print(f"jax {jax.__version__} ({jax.default_backend()}, {len(jax.devices())} device(s)), "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, "
+        f"PyTorch threads {args.threads}; "
         f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
   rows, profiles = [], []
   for name in names:
