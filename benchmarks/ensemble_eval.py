@@ -16,6 +16,8 @@ import statistics
 import sys
 import time
 
+if "--one_core" in sys.argv:  # Before JAX and PyTorch size their thread pools.
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # This checkout's snapjax.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,9 +39,14 @@ def _parse() -> argparse.Namespace:
   p.add_argument("--num_classes", type=int, default=10, help="classes of the model's output")
   p.add_argument("--chunk_size", type=int, default=2, help="members per step for the chunked 'map' row")
   p.add_argument("--image_size", type=int, default=32, help="height = width of the input images")
-  p.add_argument("--skip", default="", help="comma-separated methods to skip: vmap, map, map_chunk, loop, auto, pytorch")
+  p.add_argument("--skip", default="",
+                 help="comma-separated methods to skip: vmap, map, map_chunk, loop, auto, pytorch")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
+  p.add_argument("--one_core", action="store_true",
+                 help="pin the process to one core (PyTorch: 1 thread): the per-core comparison, steadier under load")
   args = p.parse_args()
+  if args.one_core:
+    args.threads = 1
   for name in ("batch", "members", "repeats", "num_classes", "chunk_size", "image_size"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")

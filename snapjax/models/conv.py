@@ -16,7 +16,7 @@ Every model convolution goes through `conv_general_dilated` (passed to `flax.lin
     convolutions; nothing here was measured on them).
 
 The choice is read when a model is traced: call `set_impl` (or `with using(...)`) before the first jit of a step.
-Measured: benchmarks/README.md (train_step.py, conv_ops.py).
+Measured: docs/performance.md (benchmarks/train_step.py, benchmarks/conv_ops.py).
 """
 import contextlib
 import functools
