@@ -27,6 +27,9 @@ def test_train_step_and_evaluator_compile_once_per_run(tiny_data, tmp_path):
   for name in per_run:
     assert compiles.count[f"jit({name})"] == 1, (name, compiles.count)
   assert compiles.count["jit(_member_and_last_m_counts)"] <= 1, compiles.count
+  with _Compiles() as compiles:  # Resuming (here: a finished run) compiles no initialiser.
+    assert training.train_and_evaluate(tiny_config(tiny_data), workdir).step == 64
+  assert not compiles.count["jit(init_state)"], compiles.count
   with _Compiles() as compiles:
     evaluation.evaluate_runs([workdir], plot=False)
   for name in ("_ensemble", "normalize"):
