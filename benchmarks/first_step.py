@@ -1,6 +1,6 @@
 """Time to the first training step of train.py, without and with the persistent compilation cache.
 
-  python benchmarks/first_step.py [--config configs/quickstart.py] [--repeats 3] [--steps_per_dispatch 1]
+  python benchmarks/first_step.py [--config configs/quickstart.py] [--repeats 3] [--steps_per_dispatch K]
 
 Each run is a fresh `python train.py` process on a fresh workdir, stopped right after its first step (log_every_steps
 is 1, so the loop has waited for the step before it logs it): the time from the process's start to the end of the
@@ -57,10 +57,11 @@ def _parse() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/quickstart.py", help="config file, relative to the repository")
   p.add_argument("--repeats", type=int, default=3, help="runs of every variant")
-  p.add_argument("--steps_per_dispatch", type=int, default=1, help="config.steps_per_dispatch of the runs")
+  p.add_argument("--steps_per_dispatch", type=int, default=None, help="config.steps_per_dispatch of the runs "
+                 "(default: the config's)")
   p.add_argument("--fashion_mnist_dir", default=None, help="--config.fashion_mnist_dir of the runs, if set")
   args = p.parse_args()
-  if args.repeats < 1 or args.steps_per_dispatch < 1:
+  if args.repeats < 1 or (args.steps_per_dispatch is not None and args.steps_per_dispatch < 1):
     p.error("--repeats and --steps_per_dispatch must be >= 1")
   return args
 
@@ -69,7 +70,9 @@ def _run(args, workdir: str, cache_dir: str | None) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   argv = [sys.executable, "-c", _CHILD, "--config", args.config, "--workdir", workdir,
-          "--config.log_every_steps=1", f"--config.steps_per_dispatch={args.steps_per_dispatch}"]
+          "--config.log_every_steps=1"]
+  if args.steps_per_dispatch:
+    argv.append(f"--config.steps_per_dispatch={args.steps_per_dispatch}")
   if args.fashion_mnist_dir:
     argv.append(f"--config.fashion_mnist_dir={args.fashion_mnist_dir}")
   if cache_dir:
@@ -100,7 +103,8 @@ def main() -> None:
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
-  print(f"\n{args.config}, steps_per_dispatch={args.steps_per_dispatch}: seconds from process start to the end of "
+  print(f"\n{args.config}, steps_per_dispatch={args.steps_per_dispatch or 'default'}: seconds from process start "
+        f"to the end of "
         f"the first step, median of {args.repeats} (min-max); load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
   names = sorted({n for rs in results.values() for r in rs for n in r["compiles"]},

@@ -8,8 +8,8 @@ draw: one step's batch draw with the data order (a permutation of the device's s
 loop: steps/s of the real training loop (snapjax.training.train_and_evaluate: checks, logging, preemption) against a
   bare Python loop calling the same compiled update, on a model so small that device work is negligible (a linear
   layer on 28x28 images, batch 8: the regime of a fast accelerator), for config.steps_per_dispatch K in --ks.
-quickstart: the quickstart's compiled update (ResNet-8, batch 128, device-bound on this CPU), one step per dispatch
-  against K (the largest of --ks) per dispatch, --quickstart_steps steps each.
+quickstart: the quickstart's compiled update (ResNet-8, batch 128, device-bound on this CPU) with each K of --ks
+  (and 1) steps per dispatch, --quickstart_steps steps each.
 
 Every variant runs round-robin within one process (repeat r of each before repeat r + 1), so load from other processes
 hits them alike; tables give the median and the min-max of --repeats repeats, and the load average.
@@ -289,7 +289,7 @@ def run_quickstart(args) -> None:
   tx = train_step.make_optimizer(c, schedule)
   init_key, data_key, aug_key, dropout_key = jax.random.split(jax.random.PRNGKey(c.seed), 4)
   init = jax.jit(functools.partial(train_step.init_state, exp, tx), out_shardings=exp.replicated)
-  ks = sorted({1, max(int(k) for k in args.ks.split(","))})
+  ks = sorted({1, *(int(k) for k in args.ks.split(","))})
   updates = {}
   for k in ks:
     source = train_step.InMemoryBatches(exp, arrays, plan, data_key, aug_key, k)
