@@ -58,9 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 100  # Progress line and TensorBoard scalars every this many steps.
   c.checkpoint_every_steps = 1000  # Save the full train state (for resuming) every this many steps.
   c.eval_snapshots = True  # Score every snapshot on the test split when it is taken.
-  # Updates per compiled call (in-memory datasets; streamed ones run 1): K > 1 runs up to K steps in one device loop,
-  # ending at every snapshot, save and log step, with the same results (docs/performance.md, "Steps per dispatch").
-  c.steps_per_dispatch = 1
+  # Updates per compiled call (in-memory datasets; streamed ones run 1): up to K steps in one device loop, ending at
+  # every snapshot, save and log step, with the same results as K = 1; a preemption stops at the end of a dispatch.
+  # 16 measured fastest on CPU and in a small model's regime (docs/performance.md, "Steps per dispatch").
+  c.steps_per_dispatch = 16
   return c
 
 

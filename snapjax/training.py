@@ -199,10 +199,13 @@ def _restore_or_init(run: _Run, init_key: jax.Array, hooks: Hooks) -> tuple[PyTr
   """The latest train state of the workdir, or a fresh one; checks that every earlier snapshot exists."""
   replicated = run.exp.replicated
   init = jax.jit(functools.partial(train_step.init_state, run.exp, run.tx), out_shardings=replicated)
-  state = init(init_key)
+  start = run.ckpt.latest_state_step()
+  if start is None or hooks.on_init is not None:
+    state = init(init_key)
+  else:  # Only the restore target: a resumed run does not compile the initialiser (seconds: its RNG code).
+    state = jax.eval_shape(init, init_key)
   if hooks.on_init is not None:
     state = hooks.on_init(state)
-  start = run.ckpt.latest_state_step()
   if start is not None:
     state = run.ckpt.restore_state(start, checkpoints.abstract_like(state, replicated))
     logging.info("Resumed from step %d of %d in %s", start, run.plan.total_steps, run.workdir)

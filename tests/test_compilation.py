@@ -21,12 +21,17 @@ def test_train_step_and_evaluator_compile_once_per_run(tiny_data, tmp_path):
   per run; the module-level scoring sum compiles at most once per process (an earlier test may have compiled it).
   """
   workdir = str(tmp_path / "run")
-  per_run = ("train_step", "epoch_permutation", "init_state", "_ensemble", "normalize")
+  per_run = ("epoch_permutation", "init_state", "_ensemble", "normalize")
   with _Compiles() as compiles:
     training.train_and_evaluate(tiny_config(tiny_data), workdir)
   for name in per_run:
     assert compiles.count[f"jit({name})"] == 1, (name, compiles.count)
+  # The step: one program for every dispatch (train_steps: K > 1, the default; train_step: K = 1).
+  assert compiles.count["jit(train_steps)"] + compiles.count["jit(train_step)"] == 1, compiles.count
   assert compiles.count["jit(_member_and_last_m_counts)"] <= 1, compiles.count
+  with _Compiles() as compiles:  # Resuming (here: a finished run) compiles no initialiser.
+    assert training.train_and_evaluate(tiny_config(tiny_data), workdir).step == 64
+  assert not compiles.count["jit(init_state)"], compiles.count
   with _Compiles() as compiles:
     evaluation.evaluate_runs([workdir], plot=False)
   for name in ("_ensemble", "normalize"):
@@ -49,13 +54,13 @@ def _train_py(tiny_data, workdir, *flags):
 def test_compilation_cache_dir_is_opt_in_and_a_second_run_loads_the_step(tiny_data, tmp_path):
   cache = tmp_path / "cache" / "jax"
   first = _train_py(tiny_data, str(tmp_path / "a"), f"--compilation_cache_dir={cache}")
-  assert "Persistent compilation cache hit for 'jit_train_step'" not in first
-  assert any("train_step" in name for name in os.listdir(cache)), os.listdir(cache)
+  assert "Persistent compilation cache hit for 'jit_train_steps'" not in first
+  assert any("train_steps" in name for name in os.listdir(cache)), os.listdir(cache)
   second = _train_py(tiny_data, str(tmp_path / "b"), f"--compilation_cache_dir={cache}")
-  assert "Persistent compilation cache hit for 'jit_train_step'" in second, second[-3000:]
+  assert "Persistent compilation cache hit for 'jit_train_steps'" in second, second[-3000:]
   # Without the flag (and without JAX_COMPILATION_CACHE_DIR) nothing is read or written.
   third = _train_py(tiny_data, str(tmp_path / "c"))
-  assert "Persistent compilation cache" not in third and "Finished XLA compilation of jit(train_step)" in third
+  assert "Persistent compilation cache" not in third and "Finished XLA compilation of jit(train_steps)" in third
 
 
 def test_compilation_cache_dir_that_cannot_be_made_is_one_line(tiny_data, tmp_path):
