@@ -284,7 +284,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
   wall = summary.get("wall_time") or {}
   lines += ["## Wall time and command", "",
             f"The whole study took **{_duration(wall.get('seconds'))}** of wall time on this machine "
-            f"({wall.get('invocations', 'n/a')} invocation(s) of the script; {wall.get('train_runs', 'n/a')} "
+            f"({wall.get('invocations', 'n/a')} invocation(s) of the script, up to {wall.get('jobs', 1)} run(s) at "
+            f"once; {wall.get('train_runs', 'n/a')} "
             f"training runs and {wall.get('evals', 'n/a')} evaluations; {summary.get('machine', 'n/a')}). "
             f"{wall.get('note', '')}", "", "```bash", summary["command"], "```", "",
             "It runs, for each seed and arm, these commands (seed 0 shown; every command is in the JSON):", "",
@@ -617,7 +618,7 @@ class _Runner:
 
   def __init__(self, in_process: bool, out: str):
     self.in_process, self.out = in_process, out
-    self.child: subprocess.Popen | None = None
+    self.children: list[subprocess.Popen] = []  # Running subprocesses (several with --jobs).
     self.stop_requested = False
 
   def run(self, step: dict[str, Any]) -> str:
@@ -625,6 +626,12 @@ class _Runner:
     return self._in_process(step) if self.in_process else self._subprocess(step)
 
   def _subprocess(self, step: dict[str, Any]) -> str:
+    child = self.start(step)
+    child.wait()
+    return self.outcome(step, child)
+
+  def start(self, step: dict[str, Any]) -> subprocess.Popen:
+    """Starts the step's train.py / eval.py subprocess, its output appended to the workdir's (or out_dir's) log."""
     log_dir = step["workdir"] if step["kind"] == "train" else step["out_dir"]
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"{step['kind']}.log")
@@ -635,13 +642,18 @@ class _Runner:
     with open(log_path, "a") as f:
       f.write(f"\n# {_now()} {shlex.join(step['argv'])}\n")
       f.flush()
-      self.child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-      rc = self.child.wait()
-      self.child = None
-    if rc != 0:
-      with open(log_path) as f:
+      child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    child.log_path = log_path
+    self.children.append(child)
+    return child
+
+  def outcome(self, step: dict[str, Any], child: subprocess.Popen) -> str:
+    """'ok', 'preempted' or 'failed: ...' of a finished subprocess."""
+    self.children.remove(child)
+    if child.returncode != 0:
+      with open(child.log_path) as f:
         tail = [l for l in f.read().splitlines() if l.strip()][-1:]
-      return f"failed: exit code {rc} ({tail[0] if tail else ''}); log {log_path}"
+      return f"failed: exit code {child.returncode} ({tail[0] if tail else ''}); log {child.log_path}"
     if step["kind"] == "train" and status(step) != "done":
       return "preempted"
     return "ok"
@@ -659,18 +671,20 @@ class _Runner:
       return f"failed: {' '.join(str(e).split())}"
 
   def terminate(self, signum, frame) -> None:
-    """SIGTERM/SIGINT: pass it to the running train.py (which saves its state) and stop after it."""
+    """SIGTERM/SIGINT: pass it to the running train.py processes (which save their state) and stop after them."""
     del frame
     self.stop_requested = True
-    if self.child is not None and self.child.poll() is None:
-      self.child.send_signal(signal.SIGTERM)
-    log(f"signal {signum}: stopping after the current run; re-run the same command to resume")
+    for child in self.children:
+      if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+    log(f"signal {signum}: stopping after the current run(s); re-run the same command to resume")
 
 
 def run_study(args: argparse.Namespace, steps: list[dict[str, Any]]) -> int:
   """Runs every step not done yet, in order; returns the exit code (0: all done, 1: failures, 3: stopped)."""
   os.makedirs(args.out, exist_ok=True)
   state, runner = _State(args.out), _Runner(args.in_process, args.out)
+  state.invocation["jobs"] = args.jobs
   if not args.in_process:  # In-process training handles SIGTERM itself (it saves and returns preempted).
     signal.signal(signal.SIGTERM, runner.terminate)
   todo = [s for s in steps if status(s) != "done"]
@@ -679,6 +693,8 @@ def run_study(args: argparse.Namespace, steps: list[dict[str, Any]]) -> int:
   failed, durations = [], {"train": [], "eval": []}
   for s in steps:
     durations[s["kind"]] += [v["seconds"] for k, v in state.data["steps"].items() if k == s["key"]]
+  if args.jobs > 1:
+    return _run_parallel(args.jobs, steps, state, runner, durations)
   code = 0
   for i, step in enumerate(steps):
     st = status(step)
@@ -714,12 +730,59 @@ def run_study(args: argparse.Namespace, steps: list[dict[str, Any]]) -> int:
   return code or (1 if failed else 0)
 
 
-def _eta(durations: dict[str, list[float]], remaining: tuple[list, list]) -> str:
+def _run_parallel(jobs: int, steps: list[dict[str, Any]], state: _State, runner: _Runner,
+                  durations: dict[str, list[float]]) -> int:
+  """run_study with up to `jobs` subprocesses at once: steps start in plan order as soon as their runs are done.
+
+  On a CPU whose cores one run does not keep busy (a small model: XLA's intra-op threads idle part of each step),
+  two runs side by side finish sooner than one after the other; each run's own wall time is then longer.
+  """
+  started, running, failed = set(), {}, []  # running: Popen -> (step, t0)
+  while True:
+    if not runner.stop_requested:
+      for step in steps:
+        if len(running) >= jobs:
+          break
+        if step["key"] in started or status(step) in ("done", "waiting"):
+          continue
+        remaining = ([s for s in steps if s["kind"] == "train" and s["key"] not in started],
+                     [s for s in steps if s["kind"] == "eval" and s["key"] not in started])
+        started.add(step["key"])
+        log(f"run {step['key']} ({'resuming' if status(step) == 'resume' else 'starting'}; {len(running) + 1} "
+            f"running): {shlex.join(step['argv'])}; ETA of the rest {_eta(durations, remaining, jobs)}")
+        running[runner.start(step)] = (step, time.monotonic())
+    if not running:
+      break
+    time.sleep(1.0)
+    for child in [c for c in running if c.poll() is not None]:
+      step, t0 = running.pop(child)
+      seconds, outcome = time.monotonic() - t0, runner.outcome(step, child)
+      if outcome == "ok":
+        state.finished(step["key"], seconds, step["argv"])
+        durations[step["kind"]].append(seconds)
+        log(f"done {step['key']} in {_duration(seconds)}")
+      elif outcome == "preempted" or runner.stop_requested:
+        state.save()
+        log(f"stopped during {step['key']}: its state is saved; re-run the same command to resume")
+      else:
+        failed.append(step["key"])
+        state.save()
+        log(f"FAILED {step['key']}: {outcome}")
+  state.save()
+  if runner.stop_requested:
+    return 3
+  failed += [s["key"] for s in steps if status(s) != "done" and s["key"] not in failed]
+  if failed:
+    log(f"{len(failed)} step(s) not done: {', '.join(failed)}")
+  return 1 if failed else 0
+
+
+def _eta(durations: dict[str, list[float]], remaining: tuple[list, list], jobs: int = 1) -> str:
   if not durations["train"]:
     return "known after the first run"
   train = np.mean(durations["train"]) * len(remaining[0])
   evals = (np.mean(durations["eval"]) if durations["eval"] else 0.0) * len(remaining[1])
-  return _duration(train + evals)
+  return _duration((train + evals) / jobs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -785,6 +848,7 @@ def collect_results(args: argparse.Namespace, steps: list[dict[str, Any]], arms:
       "train_runs": sum(k.startswith("train/") for k in state["steps"]),
       "evals": sum(k.startswith("eval/") for k in state["steps"]),
       "load_average_at_start": [i.get("load_average") for i in state["invocations"]],
+      "jobs": max([i.get("jobs", 1) for i in state["invocations"]] or [1]),
       "steps": {k: v["seconds"] for k, v in state["steps"].items()},
       "note": "The machine may have been shared: the load averages at each invocation's start are in the JSON."}
   results["commands"] = [shlex.join(s["argv"]) for s in steps]
@@ -869,7 +933,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--in_process", action="store_true",
                  help="train and evaluate in this process instead of train.py / eval.py subprocesses")
   p.add_argument("--page_only", action="store_true", help="only write the page from the finished runs")
+  p.add_argument("--jobs", type=int, default=1,
+                 help="runs at once (default 1): 2 finished the study sooner on a 2-core CPU, where one small-model "
+                      "run keeps about 1.3 cores busy; each run's reported minutes are then those of a shared machine")
   args = p.parse_args(argv)
+  if args.jobs < 1 or (args.jobs > 1 and args.in_process):
+    p.error(f"--jobs={args.jobs}: allowed values are integers >= 1, and 1 with --in_process")
   try:
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   except ValueError:

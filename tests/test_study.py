@@ -220,3 +220,83 @@ def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(tiny_data, tmp_path, 
   assert study.main(argv) == 0
   assert (results / "fashion_mnist.md").exists()
   assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "study_state" not in p.name}
+
+
+class _FakeChild:
+  """A subprocess stand-in that finishes after `polls` polls."""
+
+  def __init__(self, key, polls):
+    self.key, self._polls, self.returncode = key, polls, None
+
+  def poll(self):
+    self._polls -= 1
+    if self._polls <= 0:
+      self.returncode = 0
+    return self.returncode
+
+
+def test_jobs_run_steps_side_by_side_after_their_dependencies(monkeypatch):
+  """--jobs 2: at most 2 runs at once, an eval only once every run it reads is done, every step once."""
+  seeds = [0, 1]
+  steps = [{"key": f"train/{a}/s{s}", "kind": "train", "argv": ["python", "train.py", a, str(s)], "needs": []}
+           for s in seeds for a in ("snapshot", "single")]
+  steps += [{"key": f"eval/{a}/s{s}", "kind": "eval", "argv": ["python", "eval.py"], "needs": [f"train/{a}/s{s}"]}
+            for s in seeds for a in ("snapshot", "single")]
+  steps.append({"key": "eval/true_ensemble", "kind": "eval", "argv": ["python", "eval.py"],
+                "needs": [f"train/single/s{s}" for s in seeds]})
+  done, running, events, peak = set(), set(), [], [0]
+
+  def fake_status(step):
+    if step["key"] in done:
+      return "done"
+    return "waiting" if any(n not in done for n in step["needs"]) else "todo"
+
+  class Runner:
+    stop_requested = False
+
+    def start(self, step):
+      assert fake_status(step) == "todo" and step["key"] not in running
+      running.add(step["key"])
+      peak[0] = max(peak[0], len(running))
+      events.append(("start", step["key"]))
+      return _FakeChild(step["key"], polls=2 if step["kind"] == "train" else 1)
+
+    def outcome(self, step, child):
+      running.discard(step["key"])
+      done.add(step["key"])
+      events.append(("end", step["key"]))
+      return "ok"
+
+  class State:
+    def __init__(self):
+      self.finished_keys = []
+
+    def finished(self, key, seconds, argv):
+      self.finished_keys.append(key)
+
+    def save(self):
+      pass
+
+  monkeypatch.setattr(study, "status", fake_status)
+  monkeypatch.setattr(study.time, "sleep", lambda s: None)
+  state = State()
+  assert study._run_parallel(2, steps, state, Runner(), {"train": [], "eval": []}) == 0
+  assert sorted(state.finished_keys) == sorted(s["key"] for s in steps)
+  assert peak[0] == 2
+  ended = {}
+  for i, (what, key) in enumerate(events):
+    if what == "end":
+      ended[key] = i
+  for s in steps:
+    start = events.index(("start", s["key"]))
+    assert all(ended[n] < start for n in s["needs"]), s["key"]
+  # Plan order among the runs that were ready: the first two training runs start first.
+  assert events[:2] == [("start", "train/snapshot/s0"), ("start", "train/single/s0")]
+
+
+def test_jobs_must_be_positive_and_one_in_process(capsys):
+  for argv in (["--jobs", "0"], ["--jobs", "2", "--in_process"]):
+    with pytest.raises(SystemExit) as e:
+      study.parse_args(argv)
+    assert e.value.code == 2
+    assert "--jobs" in capsys.readouterr().err
