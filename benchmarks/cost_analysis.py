@@ -83,25 +83,71 @@ def _parse() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--rows", default="resnet110,densenet40,resnet50", help="comma-separated models of the rows to run")
   p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated compute dtypes")
+  p.add_argument("--paper_table", metavar="JSON", default=None,
+                 help="instead of the rows above: the step of every config in docs/results/paper.md (each distinct "
+                      "model, input, batch and dtype compiled once) and each row's projected hours on one H100 and "
+                      "on a TPU v5e-8, written to JSON for `scripts/paper_table.py --projections JSON`")
   return p.parse_args()
+
+
+def paper_projections() -> dict[str, str]:
+  """{paper.md config string: 'H h on 1 H100; T h on a TPU v5e-8'} at the roofline bound of each row's own step.
+
+  The row's run has plan.total_steps updates of its global batch (train_step.make_plan on the dataset's training
+  examples: epochs x floor(examples / batch)). A TPU v5e-8 is 8 chips with the batch split over them: 8 x one chip's
+  bound, the ideal of data parallelism (per-chip batches of 8 for CIFAR leave a chip's MXU mostly idle, so this is
+  the most optimistic of the bounds).
+  """
+  import importlib.util
+  import json
+  from snapjax import data
+  spec_ = importlib.util.spec_from_file_location(
+      "paper_table", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                                  "paper_table.py"))
+  paper_table = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(paper_table)
+  costs, out = {}, {}
+  for r in paper_table.rows():
+    c = paper_table.load_config(r)
+    spec = data.get_spec(c.dataset)
+    shape = spec.image_shape if spec.in_memory else (c.image_size, c.image_size, spec.image_shape[2])
+    # One compile per model, model options, input, batch and dtype: the class count (10, 100 or 200 outputs of
+    # the last layer) changes a step's FLOPs by under 0.1%, so CIFAR-10, CIFAR-100 and SVHN share one.
+    key = json.dumps([c.model, repr(sorted(config_lib.model_kwargs(c).items())), shape, c.batch_size, c.dtype])
+    if key not in costs:
+      costs[key] = config_step_cost(c, shape, spec.num_classes)
+      print(f"  {c.model} {shape} batch {c.batch_size} {c.dtype} ({r['config']}): "
+            f"{costs[key]['flops'] / c.batch_size / 1e9:.2f} GFLOP/image, compiled in {costs[key]['compile_s']:.0f} s",
+            flush=True)
+    cost, plan = costs[key], train_step.make_plan(c, spec.num_train)
+    images = plan.total_steps * c.batch_size
+    h100 = images / bound(cost["flops"], cost["bytes"], c.batch_size, "H100", c.dtype)[0] / 3600
+    v5e8 = images / (8 * bound(cost["flops"], cost["bytes"], c.batch_size, "TPU v5e", c.dtype)[0]) / 3600
+    out[r["config"]] = f"{h100:.2f} h on 1 H100; {v5e8:.2f} h on a TPU v5e-8"
+  return out
 
 
 def step_cost(row: Row, dtype: str) -> dict[str, float]:
   """XLA's cost analysis of one compiled train step (CPU compile, XLA's convolution VJP)."""
   c = config_lib.base_config()
   c.model, c.batch_size, c.dtype = row.model, row.batch, dtype
-  model = models.get(row.model, row.num_classes, **config_lib.model_kwargs(c))
+  return config_step_cost(c, (row.image_size, row.image_size, 3), row.num_classes)
+
+
+def config_step_cost(c, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, float]:
+  """XLA's cost analysis of the train step of config `c` (its model, model options, batch, dtype, optimiser)."""
+  model = models.get(c.model, num_classes, **config_lib.model_kwargs(c))
   schedule = train_step.make_schedule(c, 100_000)
   tx = train_step.make_optimizer(c, schedule)
-  shape = (1, row.image_size, row.image_size, 3)
+  shape = (1, *image_shape)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": variables["params"],
            "batch_stats": variables["batch_stats"],
            "opt_state": jax.eval_shape(tx.init, variables["params"])}
-  x = jax.ShapeDtypeStruct((row.batch, row.image_size, row.image_size, 3), jnp.float32)
-  y = jax.ShapeDtypeStruct((row.batch,), jnp.int32)
+  x = jax.ShapeDtypeStruct((c.batch_size, *image_shape), jnp.float32)
+  y = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
   step_fn = train_step.make_train_step(model, tx, schedule, jax.random.key(1))
-  compute = config_lib.DTYPES[dtype]
+  compute = config_lib.DTYPES[c.dtype]
   with conv_lib.using("xla"):
     lowered = jax.jit(lambda s, x, y: step_fn(s, x.astype(compute), y), donate_argnums=(0,)).lower(state, x, y)
   t0 = time.perf_counter()
@@ -119,6 +165,14 @@ def bound(flops: float, nbytes: float, batch: int, hw: str, dtype: str) -> tuple
 
 def main() -> None:
   args = _parse()
+  if args.paper_table:
+    import json
+    projections = paper_projections()
+    with open(args.paper_table, "w") as f:
+      json.dump(projections, f, indent=1)
+    print(f"wrote {args.paper_table}: {len(projections)} rows; `python scripts/paper_table.py --projections "
+          f"{args.paper_table}` puts them in docs/results/paper.md")
+    return
   wanted = {m.strip() for m in args.rows.split(",") if m.strip()}
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
   print(f"jax {jax.__version__}, cost analysis of the CPU-compiled step; peaks: {HARDWARE}", flush=True)

@@ -119,8 +119,16 @@ def markdown(table: list[dict[str, Any]], projections: dict[str, Any] | None = N
            "Every command also needs its data: " + "; ".join(f"{DATASET_NAMES.get(k, 'ImageNet')}: `{v}`"
                                                             for k, v in DATA_NOTE.items()) + ".", ""]
   if projections:
-    lines += ["Projected time: from the cost analysis (`benchmarks/cost_analysis.py`), as given to "
-              "`--projections`.", ""]
+    lines += ["Projected time: one training run of the row's config (a Snapshot Ensemble, and SingleCycle's M "
+              "shorter runs together, cost one run) at the roofline bound of its own compiled train step, from XLA's "
+              "cost analysis: `python benchmarks/cost_analysis.py --paper_table costs.json && python "
+              "scripts/paper_table.py --projections costs.json`: images / min(compute bound, memory bound), H100 at "
+              "495 TFLOP/s (TF32) and 3.35 TB/s, a TPU v5e-8 as 8 chips at 197 TFLOP/s and 819 GB/s each with ideal "
+              "data parallelism. The compute term is firm (no run can be faster); the memory term uses XLA:CPU's "
+              "estimate of the bytes, which is pessimistic for an accelerator (the flax ImageNet example's "
+              "published TPU v3 speed is 3.3x this estimate's memory bound, docs/performance.md, \"Accelerator "
+              "projection\"), so a memory-bound row may well train faster than shown. Real runs also pay for data "
+              "loading, evaluation and small per-chip batches, which these numbers leave out.", ""]
   else:
     lines += ["Projected time: left empty for now; it comes from the performance issue's cost analysis "
               "(`benchmarks/cost_analysis.py`, written in parallel): `python scripts/paper_table.py --projections "

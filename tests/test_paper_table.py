@@ -77,3 +77,32 @@ def test_the_page_has_every_row_and_takes_projections(tmp_path):
   page = out.read_text()
   assert "| `configs/cifar10_wrn32_4.py:single_cycle` |" in page and "| 31.2 h |" in page
   assert "| 20.0 h on v4-8 |" in page
+
+
+def test_cost_analysis_projects_each_row_from_its_own_step(monkeypatch):
+  """benchmarks/cost_analysis.py --paper_table: hours = the row's training images / the roofline bound of its step."""
+  spec_ = importlib.util.spec_from_file_location("cost_analysis", os.path.join(ROOT, "benchmarks", "cost_analysis.py"))
+  ca = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(ca)
+  calls = []
+
+  def fake_cost(c, shape, num_classes):  # 1 TFLOP and 1 GB per 64 images: compute-bound on both chips.
+    calls.append((c.model, c.dropout_rate, tuple(shape), c.batch_size, c.dtype))
+    return {"flops": 1e12 * c.batch_size / 64, "bytes": 1e9 * c.batch_size / 64, "compile_s": 0.0}
+
+  monkeypatch.setattr(ca, "config_step_cost", fake_cost)
+  out = ca.paper_projections()
+  assert set(out) == {r["config"] for r in ROWS}
+  assert len(calls) == len(set(calls))  # One compile per distinct step.
+  assert ("resnet110", 0.0, (32, 32, 3), 64, "float32") in calls and ("resnet50", 0.0, (224, 224, 3), 256,
+                                                                       "bfloat16") in calls
+  # paper.md's budgets: CIFAR ResNet-110 200 epochs of 50,000 images at batch 64; ImageNet 90 epochs at batch 256.
+  # Float32 steps run at the H100's TF32 peak (495 TFLOP/s), the ImageNet config's bfloat16 at 989.
+  for config, epochs, examples, batch, h100_peak in (
+      ("configs/cifar100_resnet110.py:single_cycle", 200, 50_000, 64, 495e12),
+      ("configs/imagenet_resnet50.py:snapshot --config.num_cycles=3", 90, 1_281_167, 256, 989e12)):
+    images = epochs * (examples // batch) * batch
+    per_step = 1e12 * batch / 64
+    h100 = images / (batch / (per_step / h100_peak)) / 3600
+    v5e8 = images / (8 * batch / (per_step / 197e12)) / 3600
+    assert out[config] == f"{h100:.2f} h on 1 H100; {v5e8:.2f} h on a TPU v5e-8", config
