@@ -371,9 +371,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   with _Preemption(hooks) as preemption:
     run = _set_up(config, workdir, fresh)
     try:
-      return _train(run, preemption, hooks)
+      return _train_fn(config)(run, preemption, hooks)
     finally:
       run.close()
+
+
+def _train_fn(config: ml_collections.ConfigDict) -> Callable[[_Run, _Preemption, Hooks], TrainResult]:
+  """The loop of this config: `_train`, or members side by side (snapjax/member_training.py, num_members > 1)."""
+  from snapjax import members  # Imported here: member_training imports this module.
+  if not members.is_member_run(config):
+    return _train
+  from snapjax import member_training
+  return member_training.train
 
 
 def _check_snapshots(run: _Run, start: int, state: PyTree) -> None:
