@@ -25,7 +25,18 @@ pytestmark = pytest.mark.devices(4)
 SEED = 3
 OVERRIDES = {"num_epochs": 1.0, "init_lr": 1e-4, "seed": SEED, "checkpoint_every_steps": 5, "log_every_steps": 4}
 SNAPSHOT_STEPS = [8, 16]
-ATOL = 1e-5  # 10x the summation-order drift tests/test_multihost.py measured at this lr.
+ATOL = 1e-5  # Params: 10x the summation-order drift tests/test_multihost.py measured at this lr.
+# BatchNorm's running variance (E[x^2] - E[x]^2, a cancelling sum) moves further when a member's batch statistics
+# are summed over 2 devices of 16 examples instead of 4 of 8: measured up to 1.5e-4 relative (1.7e-5 absolute).
+BN_RTOL = 1e-3
+
+
+def _assert_close(variables, reference):
+  """Params within ATOL; BatchNorm statistics within BN_RTOL relative (plus ATOL)."""
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=ATOL), variables["params"],
+               reference["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=BN_RTOL, atol=ATOL), variables["batch_stats"],
+               reference["batch_stats"])
 
 
 def _max_abs_diff(a, b):
@@ -72,11 +83,11 @@ def test_k2_members_equal_the_runs_with_seeds_s_and_s_plus_1(seed_runs, k2_run, 
   assert not result.preempted and result.step == 16
   assert [(s["member"], s["step"]) for s in result.snapshot_scores] == [(0, 8), (1, 8), (0, 16), (1, 16)]
   snaps = _member_snapshots(workdir)
-  assert sorted(snaps) == [(k, s) for s in SNAPSHOT_STEPS for k in (0, 1)]
+  assert sorted(snaps) == [(k, s) for k in (0, 1) for s in SNAPSHOT_STEPS]
   diffs = {key: _max_abs_diff(v, seed_runs[SEED + key[0]][key[1]]) for key, v in snaps.items()}
   print(f"member_groups={groups}: max |member - seed run| per (member, step): {diffs}")
   for (k, step), v in snaps.items():
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=ATOL), v, seed_runs[SEED + k][step])
+    _assert_close(v, seed_runs[SEED + k][step])
   assert _max_abs_diff(snaps[(0, 16)], snaps[(1, 16)]) > 1e-3  # Independent members.
 
 
@@ -185,8 +196,7 @@ def test_single_cycle_models_side_by_side_equal_one_after_another(sequential_sin
   diffs = {s: _max_abs_diff(parallel[s], sequential_single_cycle[s]) for s in SC_STEPS}
   print(f"max |parallel - sequential SingleCycle| per snapshot: {diffs}")
   for s in SC_STEPS:
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=ATOL), parallel[s],
-                 sequential_single_cycle[s])
+    _assert_close(parallel[s], sequential_single_cycle[s])
   ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
   exp = experiment.build(config)
   try:  # The sequential run's layout and metadata: one model per snapshot.
@@ -208,10 +218,9 @@ def test_k2_single_cycle_sequential_members_equal_their_seed_runs(sequential_sin
   workdir = str(tmp_path / "k2sc")
   training.train_and_evaluate(tiny_config(tiny_data, num_members=2, **SC_OVERRIDES), workdir)
   snaps = _member_snapshots(workdir)
-  assert sorted(snaps) == [(k, s) for s in SC_STEPS for k in (0, 1)]
+  assert sorted(snaps) == [(k, s) for k in (0, 1) for s in SC_STEPS]
   for s in SC_STEPS:  # Member 0 is the seed-SEED SingleCycle run.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=ATOL), snaps[(0, s)],
-                 sequential_single_cycle[s])
+    _assert_close(snaps[(0, s)], sequential_single_cycle[s])
 
 
 @pytest.mark.parametrize("overrides, match", [
