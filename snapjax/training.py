@@ -39,6 +39,8 @@ class Hooks:
   on_init(state) -> state: replaces the fresh train state (before any restore), e.g. to perturb it; with
     method="single_cycle" also each later model's fresh state, when it takes over after a cycle end.
   agree_every: several hosts without JAX's preemption service compare their stop flags every this many steps.
+  In a member run (snapjax/member_training.py) the states are the stacked members' and steps are loop steps;
+  wrap_step wraps each member's own step function.
   """
   stop_at: Callable[[int], bool] | None = None
   wrap_step: Callable[[train_step.StepFn], train_step.StepFn] | None = None

@@ -190,7 +190,8 @@ def test_single_cycle_models_side_by_side_equal_one_after_another(sequential_sin
   workdir = str(tmp_path / "parallel")
   config = tiny_config(tiny_data, single_cycle_parallel=True, **SC_OVERRIDES)
   result = training.train_and_evaluate(config, workdir)
-  assert result.step == 6 and [s["step"] for s in result.snapshot_scores] == SC_STEPS  # 6 sequential updates.
+  assert result.step == 6  # 6 sequential updates; the last model ends (and is saved) after 4, the others after 6.
+  assert [s["step"] for s in result.snapshot_scores] == [16, 6, 12]
   parallel = snapshot_arrays(workdir)
   assert sorted(parallel) == sorted(sequential_single_cycle) == SC_STEPS
   diffs = {s: _max_abs_diff(parallel[s], sequential_single_cycle[s]) for s in SC_STEPS}
@@ -204,7 +205,7 @@ def test_single_cycle_models_side_by_side_equal_one_after_another(sequential_sin
   finally:
     ckpt.close()
   assert [(m["model"], m["cycle"]) for m in metas] == [(0, 1), (1, 2), (2, 3)]
-  # Interrupted inside the loop (loop step 4: model 2 is at step 16 - 0, models 0-1 mid-cycle), resumed bitwise.
+  # Interrupted at loop step 4 (model 2 ended at step 16 and was saved, models 0-1 mid-cycle), resumed bitwise.
   resumed_dir = str(tmp_path / "resumed")
   c = tiny_config(tiny_data, single_cycle_parallel=True, **{**SC_OVERRIDES, "eval_snapshots": False})
   assert training.train_and_evaluate(c, resumed_dir, hooks=training.Hooks(stop_at=lambda i: i == 4)).preempted
@@ -274,3 +275,28 @@ def test_ensemble_predict_over_a_member_axis_equals_one_device(strategy, last_m)
   hlo = ensemble._ensemble_sharded.lower(apply_fn, on_mesh, x_mesh, last_m=last_m or 4, strategy=strategy,
                                          return_members=False, mesh=mesh, axis="member").compile().as_text()
   assert len(re.findall(r"all-reduce(-start)?\(", hlo)) == 1, hlo  # The mean: one cross-device reduction.
+
+
+def test_train_py_refuses_a_layout_that_does_not_fit_with_exit_2_before_compiling(tiny_data, tmp_path):
+  import subprocess
+  import sys
+  import helpers
+  argv = helpers.train_argv("train.py", tiny_data, str(tmp_path / "run"), {"num_members": 3, "member_groups": 2})
+  proc = subprocess.run([sys.executable, *argv], cwd=helpers.ROOT, capture_output=True, text=True, timeout=180,
+                        env=helpers.subprocess_env(4, JAX_LOG_COMPILES="1"))
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert lines[-1] == ("error: member_groups=2 does not fit 3 training member(s) on 4 device(s); "
+                       "allowed: 0 (auto), 1"), lines[-1]
+  assert not [l for l in lines if "Finished XLA compilation" in l or "Compiling " in l]
+
+
+def test_workdir_held_by_a_live_run_is_refused(tiny_data, tmp_path):
+  from snapjax import workdir_lock
+  workdir = str(tmp_path / "run")
+  lock = workdir_lock.acquire(workdir)
+  try:
+    with pytest.raises(workdir_lock.WorkdirLockedError):
+      training.train_and_evaluate(tiny_config(tiny_data, num_members=2, **OVERRIDES), workdir)
+  finally:
+    lock.release()
