@@ -52,7 +52,7 @@ def _restore_or_init(m: _Members) -> tuple[PyTree, int]:
     if hooks.on_state_restored is not None:
       hooks.on_state_restored(start, state)
   start = start or 0
-  steps = [int(s) for s in jax.device_get(state["step"])]
+  steps = [int(s) for s in jax.device_get(members_lib.replicate(state["step"], m.mesh))]
   expected = [m.mp.global_step(j, start) for j in range(m.mp.size)]
   if steps != expected:
     raise CheckpointError(f"train state at loop step {start} in {run.workdir} holds member steps {steps}, "

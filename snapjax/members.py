@@ -260,10 +260,22 @@ class MemberBatches:
 
     def fused(state, images, labels, keys, ends):
       x, y = batch_fn(images, labels, state["step"], keys["data"], keys["aug"])
-      return update_groups(state, x, y, keys["dropout"], ends)
+      state, metrics = update_groups(state, x, y, keys["dropout"], ends)
+      # The (J,) metrics replicated: every host reads them (the loop checks and logs them).
+      return state, jax.lax.with_sharding_constraint(metrics, NamedSharding(mesh, P()))
 
     jitted = jax.jit(fused, donate_argnums=(0,))
     return lambda state: jitted(state, self._images, self._labels, self._keys, self._ends)
+
+
+def replicate(tree: PyTree, mesh) -> PyTree:
+  """The pytree replicated on every device of the mesh: member-sharded values a host can read (several hosts)."""
+  return _replicate_fn(NamedSharding(mesh, P()))(tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _replicate_fn(sharding):
+  return jax.jit(lambda tree: tree, out_shardings=sharding)
 
 
 def take(stacked: PyTree, members: list[int], mesh) -> PyTree:
