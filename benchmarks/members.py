@@ -1,13 +1,14 @@
 """Training images/s of K ensemble members side by side (snapjax/members.py) vs K one-member runs one after another.
 
-  python benchmarks/members.py [--devices 4] [--members 1,2,4,8] [--strategies map,vmap] [--batch 128] \
-      [--steps 3] [--repeats 3] [--model resnet20]
+  python benchmarks/members.py [--devices 4] [--members 1,2,4,8] [--strategies loop,map,vmap] [--batch 128] \
+      [--steps 3] [--repeats 3] [--model resnet20] [--groups 1,4]
 
 Every row trains K ResNet-20s (batch 128 each, random CIFAR-10-shaped data held on the devices, the real
 update: augmentation, SGD with momentum and weight decay) for --steps updates per timed repeat and reports the
 median. "sequential" is the 1-member program (train_step.InMemoryBatches, exactly what a K = 1 run compiles) run
 K times over: its total images/s is the K = 1 row's whatever K is. Each placement is a member_groups G (size of
-the "member" mesh axis, divisors of gcd(K, D)) and a strategy within a group ("map": lax.map, "vmap").
+the "member" mesh axis, divisors of gcd(K, D)) and a strategy within a group ("loop": unrolled, the default;
+"map": lax.map; "vmap").
 On CPU the --devices fake devices share the machine's cores, so the table mostly shows the overhead of the
 member axis, not the speed-up a K-device GPU host would give.
 """
@@ -22,7 +23,7 @@ def _parse() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--devices", type=int, default=4, help="fake CPU devices (XLA flag, set before JAX starts)")
   p.add_argument("--members", default="1,2,4,8", help="comma-separated K values")
-  p.add_argument("--strategies", default="map,vmap", help="comma-separated: map, vmap")
+  p.add_argument("--strategies", default="loop", help="comma-separated: loop, map, vmap")
   p.add_argument("--groups", default="", help="comma-separated member_groups to try (default: every one that fits)")
   p.add_argument("--batch", type=int, default=128, help="batch size of each member")
   p.add_argument("--steps", type=int, default=3, help="updates per timed repeat")

@@ -73,19 +73,21 @@ def k2_run(tiny_data, tmp_path_factory):
   return workdir, result, saved
 
 
-@pytest.mark.parametrize("groups", [2, 1])  # Member axis of 2 groups x 2 data devices; one group, lax.map.
-def test_k2_members_equal_the_runs_with_seeds_s_and_s_plus_1(seed_runs, k2_run, tiny_data, tmp_path, groups):
+# Member axis of 2 groups x 2 data devices (the default strategy, "loop"); one group, by lax.map and by vmap.
+@pytest.mark.parametrize("groups, strategy", [(2, "auto"), (1, "map"), (1, "vmap")])
+def test_k2_members_equal_the_runs_with_seeds_s_and_s_plus_1(seed_runs, k2_run, tiny_data, tmp_path, groups, strategy):
   if groups == 2:
     workdir, result, _ = k2_run
   else:
     workdir = str(tmp_path / "k2g1")
-    result = training.train_and_evaluate(tiny_config(tiny_data, num_members=2, member_groups=1, **OVERRIDES), workdir)
+    result = training.train_and_evaluate(tiny_config(tiny_data, num_members=2, member_groups=1,
+                                                     member_strategy=strategy, **OVERRIDES), workdir)
   assert not result.preempted and result.step == 16
   assert [(s["member"], s["step"]) for s in result.snapshot_scores] == [(0, 8), (1, 8), (0, 16), (1, 16)]
   snaps = _member_snapshots(workdir)
   assert sorted(snaps) == [(k, s) for k in (0, 1) for s in SNAPSHOT_STEPS]
   diffs = {key: _max_abs_diff(v, seed_runs[SEED + key[0]][key[1]]) for key, v in snaps.items()}
-  print(f"member_groups={groups}: max |member - seed run| per (member, step): {diffs}")
+  print(f"member_groups={groups}, {strategy}: max |member - seed run| per (member, step): {diffs}")
   for (k, step), v in snaps.items():
     _assert_close(v, seed_runs[SEED + k][step])
   assert _max_abs_diff(snaps[(0, 16)], snaps[(1, 16)]) > 1e-3  # Independent members.
@@ -229,7 +231,7 @@ def test_k2_single_cycle_sequential_members_equal_their_seed_runs(sequential_sin
     ({"num_members": 2, "member_groups": 4}, r"member_groups=4 does not fit 2 training member\(s\) on 4 device\(s\); "
                                              r"allowed: 0 \(auto\), 1, 2$"),
     ({"num_members": 3, "member_groups": 2}, r"allowed: 0 \(auto\), 1$"),
-    ({"member_strategy": "loop"}, r"member_strategy='loop' is not known; allowed: auto, map, vmap"),
+    ({"member_strategy": "bad"}, r"member_strategy=.bad. is not known; allowed: auto, loop, map, vmap"),
     ({"single_cycle_parallel": True}, r"needs method='single_cycle'"),
 ])
 def test_member_fields_that_do_not_fit_are_one_line_config_errors(tiny_data, tmp_path, overrides, match):
@@ -240,9 +242,9 @@ def test_member_fields_that_do_not_fit_are_one_line_config_errors(tiny_data, tmp
 
 def test_layout_defaults():
   c = config_lib.base_config()
-  assert members.resolve_layout(c, 4) == (1, "map") and not members.is_member_run(c)
+  assert members.resolve_layout(c, 4) == (1, "loop") and not members.is_member_run(c)
   c.num_members = 8
-  assert members.resolve_layout(c, 4) == (4, "map")
+  assert members.resolve_layout(c, 4) == (4, "loop")
   c.num_members, c.member_strategy = 6, "vmap"
   assert members.resolve_layout(c, 4) == (2, "vmap")
 
