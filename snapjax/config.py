@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Ensemble members trained side by side (snapjax/members.py): member k is the run with seed `seed + k`.
   c.num_members = 1  # K independent networks in one program; 1 = the ordinary run.
   c.member_groups = 0  # Device groups (size of the "member" mesh axis); 0 = auto (gcd of members and devices).
-  c.member_strategy = "auto"  # Within a device group: "loop" (unrolled), "map" (lax.map), "vmap"; "auto" = loop.
+  c.member_strategy = "auto"  # In a device group: "loop" (unrolled), "map" (lax.map), "vmap"; "auto" = loop.
   # method="single_cycle" only: train the M models side by side as members (ceil(T / M) updates each) instead of
   # one after another; the same snapshots as the sequential run.
   c.single_cycle_parallel = False

@@ -129,14 +129,16 @@ def members_summary(report: dict[str, Any]) -> list[str]:
     return []
   t = report["true_ensemble"]
   return [f"true ensemble of the {t['size']} members' final snapshots error {100 * t['error']:.2f}%, NLL "
-          f"{t['nll']:.4f} | all {len(report['snapshots'])} snapshots error {100 * report['ensembles'][-1]['error']:.2f}%"]
+          f"{t['nll']:.4f} | all {len(report['snapshots'])} snapshots error "
+          f"{100 * report['ensembles'][-1]['error']:.2f}%"]
 
 
 def _members_markdown(report: dict[str, Any]) -> list[str]:
   """Each ensemble member's own snapshot ensemble and the true ensemble (runs with several members)."""
   if len(report.get("members", [])) < 2:
     return []
-  lines = ["", "## Members", "", "| run | member | seed | final snapshot error (%) | its snapshot ensemble error (%) |",
+  lines = ["", "## Members", "",
+           "| run | member | seed | final snapshot error (%) | its snapshot ensemble error (%) |",
            "|---|---|---|---|---|"]
   for m in report["members"]:
     lines.append(f"| {m['workdir']} | {m['member']} | {m['seed']} | {100 * m['ensembles'][0]['error']:.2f} | "

@@ -52,7 +52,8 @@ def test_members_on_two_hosts_preempt_resume_and_equal_one_process(tiny_data, tm
       (k, s) for s in SNAPSHOT_STEPS if s > stops[0] for k in (0, 1)]
   snaps, ref = _member_snapshots(workdir), _member_snapshots(reference)
   assert sorted(snaps) == sorted(ref) == [(k, s) for k in (0, 1) for s in SNAPSHOT_STEPS]
-  print(f"stopped at {stops[0]}; max |2 hosts - 1 process| per (member, step): "
-        f"{ {key: max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(snaps[key]), jax.tree.leaves(ref[key]))) for key in snaps} }")
+  diffs = {key: max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(ref[key])))
+           for key, v in snaps.items()}
+  print(f"stopped at {stops[0]}; max |2 hosts - 1 process| per (member, step): {diffs}")
   for key in snaps:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=ATOL), snaps[key], ref[key])
