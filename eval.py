@@ -23,6 +23,8 @@ flags.DEFINE_integer("bn_batches", None, "Training batches (of the run's batch s
                      "which --analyses recompute BatchNorm statistics (default 50, at most one epoch); 0 = one epoch.")
 flags.DEFINE_integer("interpolation_points", None, "Lambdas of --analyses=interpolation, evenly spaced in [0, 1] "
                      "with both ends (default 11: 0, 0.1, ..., 1).")
+flags.DEFINE_string("compilation_cache_dir", None, "Opt-in: keep compiled programs in this directory (local or a "
+                    "bucket) and reuse them in later runs: JAX's persistent compilation cache.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -30,6 +32,7 @@ def main(argv):
   cli.setup_logging()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
+  cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
   from snapjax import evaluation, report as report_lib
   overrides = {"data_dir": FLAGS.data_dir, "fashion_mnist_dir": FLAGS.fashion_mnist_dir,
                "tiny_imagenet_dir": FLAGS.tiny_imagenet_dir}

@@ -12,6 +12,8 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for se
 flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
 flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation for multi-process CPU runs (gloo).")
+flags.DEFINE_string("compilation_cache_dir", None, "Opt-in: keep compiled programs in this directory (local or a "
+                    "bucket) and reuse them in later runs: JAX's persistent compilation cache.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -21,6 +23,7 @@ def run(argv, hooks=None):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> to override config fields")
   config = cli.config_from_flag("config")
+  cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
   cli.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                    FLAGS.cpu_collectives)
   from snapjax import training

@@ -159,6 +159,25 @@ def run_guarded(fn: Callable[[], object]) -> object:
     fail(str(e))
 
 
+def enable_compilation_cache(directory: str | None) -> None:
+  """Opt-in persistent compilation cache: programs that take >= 1 s to compile are written to `directory` and loaded
+  from it by later runs of the same programs (JAX's cache; the key covers the program, devices, flags and versions).
+
+  Nothing is cached unless this is called with a directory (or JAX_COMPILATION_CACHE_DIR is set). A local
+  directory that cannot be created is a one-line error.
+  """
+  if not directory:
+    return
+  import jax
+  from etils import epath
+  try:
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    fail(f"--compilation_cache_dir={directory}: cannot create it ({e.strerror or e})")
+  jax.config.update("jax_compilation_cache_dir", directory)
+  logging.info("Persistent compilation cache: %s", directory)
+
+
 def maybe_initialize_distributed(coordinator: str | None, num_processes: int | None,
                                  process_id: int | None, cpu_collectives: str | None = None) -> None:
   """jax.distributed.initialize() when several hosts run this command (flags or cluster environment)."""

@@ -16,7 +16,7 @@ AUGMENTS = ("", "crop_flip", "none")
 # Fields that may change when a run resumes in its workdir: they do not change what is trained.
 MUTABLE_ON_RESUME = frozenset({
     "data_dir", "fashion_mnist_dir", "tiny_imagenet_dir", "eval_batch_size", "log_every_steps",
-    "checkpoint_every_steps", "eval_snapshots"})
+    "checkpoint_every_steps", "eval_snapshots", "steps_per_dispatch"})
 # Fields that must agree between runs whose snapshots eval.py ensembles together (one architecture, one input).
 SAME_ACROSS_RUNS = ("model", "dataset", "dtype", "stem_stride", "image_size")
 
@@ -66,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
   # method="single_cycle" only: train the M models side by side as members (ceil(T / M) updates each) instead of
   # one after another; the same snapshots as the sequential run.
   c.single_cycle_parallel = False
+  # Updates per compiled call (in-memory datasets; streamed ones run 1): up to K steps in one device loop, ending at
+  # every snapshot, save and log step, with the same results as K = 1; a preemption stops at the end of a dispatch.
+  # 16 measured fastest on CPU and in a small model's regime (docs/performance.md, "Steps per dispatch").
+  c.steps_per_dispatch = 16
   return c
 
 
@@ -76,6 +80,23 @@ _PAPER_BUDGETS = {
     ("tiny_imagenet", "resnet"): (150, 6, 128), ("tiny_imagenet", "wrn"): (150, 6, 128),
     ("tiny_imagenet", "densenet"): (150, 6, 64),
 }
+
+
+def quickstart_config() -> ml_collections.ConfigDict:
+  """The quickstart's budget: a ResNet-8 on 10,000 Fashion-MNIST images (Debian's raw IDX files), minutes on a CPU."""
+  c = base_config()
+  c.model = "resnet8"  # One basic block per stage: small enough for a 2-core CPU.
+  c.dataset = "fashion_mnist"  # Read from c.fashion_mnist_dir (apt-get install dataset-fashion-mnist).
+  c.train_split = "train[:10000]"  # The first 10,000 training images; the test split stays the full 10,000.
+  c.augment = "none"
+  c.num_epochs = 30.0  # B...
+  c.num_cycles = 5  # ...and M: 5 cycles of 6 epochs (78 steps each).
+  c.init_lr = 0.2  # alpha0.
+  c.batch_size = 128  # Larger batches run faster on CPU.
+  c.eval_batch_size = 1000
+  c.log_every_steps = 78
+  c.checkpoint_every_steps = 234
+  return c
 
 
 def paper_config(model: str, dataset: str, init_lr: float = 0.2) -> ml_collections.ConfigDict:
@@ -214,7 +235,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
 
   for name in ("num_cycles", "batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
-               "smoothout_chunks"):
+               "smoothout_chunks", "steps_per_dispatch"):
     positive_int(name)
   if config.stem_stride not in (1, 2):
     raise ConfigError(f"stem_stride must be 1 or 2, got {config.stem_stride!r}")

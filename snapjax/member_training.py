@@ -4,6 +4,8 @@ The same loop as training._train (log, save, snapshot, preemption, the non-finit
 stacked train state: one compiled update trains every member, and each snapshot saves the K seed members'
 variables stacked on a leading member axis (unstacked when K = 1, i.e. a parallel SingleCycle run, whose
 workdir then has the sequential run's layout). train_and_evaluate calls `train` when `members.is_member_run`.
+A member run dispatches one update of every member per call (`steps_per_dispatch` applies to 1-member runs), and
+each member draws its batch from the permutation of its epoch inside the update.
 """
 import time
 from typing import Any
@@ -213,7 +215,7 @@ def train(run, preemption, hooks: training.Hooks) -> training.TrainResult:
       scores.extend(_take_snapshots(m, state, i))
     if save:
       training._save_state(run, i, state, hooks)
-    if preemption.should_stop(i) and i < mp.loop_steps:
+    if preemption.should_stop(i, i) and i < mp.loop_steps:
       if pending is not None:
         _check_finite(m, pending)
       if not save:

@@ -1,8 +1,9 @@
 """The training step: plan (epochs -> steps), schedule, optimiser, the jitted SGD update and its batch sources.
 
-Two batch sources give the loop one interface (`BatchSource.compile(step_fn) -> (state -> (state, metrics))`):
+Two batch sources give the loop one interface (`BatchSource.compile(step_fn) -> update(state, step, n)`):
 in-memory datasets are placed on the devices once and each device draws and augments its slice of every batch
-inside the compiled step; streamed datasets (ImageNet) feed each host's tf.data batches into the step.
+inside the compiled step, n <= steps_per_dispatch updates per call; streamed datasets (ImageNet) feed each host's
+tf.data batches into the step, one update per call.
 """
 import dataclasses
 from typing import Any, Callable, Iterator, Protocol
@@ -14,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from snapjax import data, schedules, smoothout as smoothout_lib
+from snapjax import data, dispatch, schedules, smoothout as smoothout_lib
 from snapjax.errors import ConfigError
 from snapjax.experiment import DATA_AXIS, Experiment, put_sharded
 
@@ -205,57 +206,130 @@ def smoothout_step(model, tx: optax.GradientTransformation, schedule: optax.Sche
 
 
 class BatchSource(Protocol):
-  """Where the training batches come from; the loop only calls the compiled step."""
+  """Where the training batches come from; the loop only calls the compiled update.
 
-  def compile(self, step_fn: StepFn) -> Callable[[PyTree], tuple[PyTree, dict[str, jax.Array]]]:
-    """The jitted update state -> (state, metrics) that feeds step_fn its next global batch."""
+  steps_per_dispatch: the most updates one call runs. period: a call never runs past a multiple of it (None: no
+  such limit).
+  """
+  steps_per_dispatch: int
+  period: int | None
+
+  def compile(self, step_fn: StepFn) -> Callable[..., tuple[PyTree, dict[str, jax.Array]]]:
+    """The jitted update(state, step, n) -> (state, metrics): n updates from update `step` (== state["step"]).
+
+    metrics: each value a scalar (one update per call) or stacked along a leading axis of steps_per_dispatch
+    (the first n rows hold the n updates). `step` may be left out (read from the state: one device sync).
+    """
+
+
+def make_epoch_permutation_fn(mesh, data_key: jax.Array, shard_size: int) -> Callable[[jax.Array], jax.Array]:
+  """epoch -> each device's order of its shard for that epoch: int32 indices into the shard, sharded on the data axis.
+
+  A permutation keyed by seed, epoch and device (fold_in(fold_in(data_key, epoch), device)); it sorts the whole
+  shard, so it runs in its own compiled call once per epoch rather than inside every step.
+  """
+
+  def local(epoch):
+    d = jax.lax.axis_index(DATA_AXIS)
+    return jax.random.permutation(jax.random.fold_in(jax.random.fold_in(data_key, epoch), d), shard_size)
+
+  def epoch_permutation(epoch):
+    return jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P(DATA_AXIS))(epoch)
+
+  return jax.jit(epoch_permutation)
 
 
 def make_device_batch_fn(mesh, spec: data.DatasetSpec, plan: Plan, batch_size: int,
-                         data_key: jax.Array, aug_key: jax.Array) -> Callable:
-  """(images, labels, step) -> augmented global batch, drawn on each device from its own shard.
+                         aug_key: jax.Array) -> Callable:
+  """(images, labels, permutation, step) -> augmented global batch, drawn on each device from its own shard.
 
-  Every device reshuffles its shard each epoch (a permutation keyed by seed, epoch and device) and
-  augments its slice, so the host does no per-step work.
+  Each device takes the step's slice of its shard's order for the epoch (make_epoch_permutation_fn) and augments
+  it, so the host does no per-step work and the step no per-epoch work.
   """
   local_batch = batch_size // mesh.devices.size
 
-  def local(images_l, labels_l, step):
+  def local(images_l, labels_l, perm_l, step):
     d = jax.lax.axis_index(DATA_AXIS)
-    epoch, pos = step // plan.steps_per_epoch, step % plan.steps_per_epoch
-    perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(data_key, epoch), d), images_l.shape[0])
-    idx = jax.lax.dynamic_slice_in_dim(perm, pos * local_batch, local_batch)
+    idx = jax.lax.dynamic_slice_in_dim(perm_l, step % plan.steps_per_epoch * local_batch, local_batch)
     key = jax.random.fold_in(jax.random.fold_in(aug_key, step), d)
     return data.augment_batch(key, images_l[idx], spec, train=True), labels_l[idx]
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
                        out_specs=(P(DATA_AXIS), P(DATA_AXIS)))
 
 
 class InMemoryBatches:
-  """The training split on the devices (sharded over the data axis); batches are drawn inside the step."""
+  """The training split on the devices (sharded over the data axis); batches are drawn inside the step.
+
+  Up to steps_per_dispatch updates run in one compiled call (`dispatch.run_steps`); a call never crosses the end of
+  an epoch (`period`), where each device's order of its shard is computed anew.
+  """
 
   def __init__(self, exp: Experiment, arrays: tuple[np.ndarray, np.ndarray], plan: Plan,
-               data_key: jax.Array, aug_key: jax.Array):
+               data_key: jax.Array, aug_key: jax.Array, steps_per_dispatch: int = 1):
     n = exp.mesh.devices.size
     # Drop the few examples that do not split evenly over the devices.
     self._images, self._labels = (put_sharded(exp.mesh, a[: len(a) // n * n]) for a in arrays)
-    self._batch_fn = make_device_batch_fn(exp.mesh, exp.spec, plan, exp.config.batch_size, data_key, aug_key)
+    self._batch_fn = make_device_batch_fn(exp.mesh, exp.spec, plan, exp.config.batch_size, aug_key)
+    self._perm_fn = make_epoch_permutation_fn(exp.mesh, data_key, len(arrays[1]) // n)
+    self._perm, self._perm_epoch = None, None
+    self._plan = plan
     self._dtype = exp.compute_dtype
+    self._replicated = exp.replicated
+    # XLA:CPU compiles convolutions in a loop body unlike those at the top level (see snapjax/dispatch.py).
+    self._canonical_convs = exp.mesh.devices.flat[0].platform == "cpu"
+    self.steps_per_dispatch = steps_per_dispatch
+    self.period = plan.steps_per_epoch
+
+  def permutation(self, step: int) -> jax.Array:
+    """Each device's order of its shard in the epoch of update `step` + 1 (computed once per epoch)."""
+    epoch = step // self._plan.steps_per_epoch
+    if epoch != self._perm_epoch:
+      self._perm, self._perm_epoch = self._perm_fn(np.int32(epoch)), epoch
+    return self._perm
 
   def compile(self, step_fn: StepFn):
-    batch_fn, dtype = self._batch_fn, self._dtype
+    batch_fn, dtype, k = self._batch_fn, self._dtype, self.steps_per_dispatch
 
-    def fused(state, images, labels):
-      x, y = batch_fn(images, labels, state["step"])
+    def train_step(state, images, labels, perm):
+      x, y = batch_fn(images, labels, perm, state["step"])
       return step_fn(state, x.astype(dtype), y)
 
-    jitted = jax.jit(fused, donate_argnums=(0,))
-    return lambda state: jitted(state, self._images, self._labels)
+    if k == 1:
+      jitted = jax.jit(train_step, donate_argnums=(0,))
+
+      def update(state, step=None, n=1):
+        assert n == 1, n
+        step = int(jax.device_get(state["step"])) if step is None else step
+        return jitted(state, self._images, self._labels, self.permutation(step))
+
+      return update
+
+    body = dispatch.canonical_convolutions(train_step) if self._canonical_convs else train_step
+
+    def train_steps(state, images, labels, perm, num_steps):
+      return dispatch.run_steps(body, k, state, images, labels, perm, num_steps=num_steps)
+
+    jitted = jax.jit(train_steps, donate_argnums=(0,))
+    counts = {}  # n -> the count on the devices, made once (a host scalar would be copied at every call).
+
+    def update(state, step=None, n=1):
+      assert 1 <= n <= k, (n, k)
+      step = int(jax.device_get(state["step"])) if step is None else step
+      if n not in counts:
+        counts[n] = jax.device_put(np.int32(n), self._replicated)
+      return jitted(state, self._images, self._labels, self.permutation(step), counts[n])
+
+    return update
 
 
 class StreamedBatches:
-  """Each host's tf.data batches, assembled into one global batch sharded over the data axis."""
+  """Each host's tf.data batches, assembled into one global batch sharded over the data axis; one update per call.
+
+  (A streamed step is long next to a dispatch, and stacking K host batches would hold K batches in device memory.)
+  """
+  steps_per_dispatch = 1
+  period = None
 
   def __init__(self, stream: Iterator[dict[str, np.ndarray]], exp: Experiment):
     self._stream = stream
@@ -264,11 +338,17 @@ class StreamedBatches:
 
   def compile(self, step_fn: StepFn):
     dtype = self._dtype
-    jitted = jax.jit(lambda s, x, y: step_fn(s, x.astype(dtype), y), donate_argnums=(0,))
 
-    def step(state):
+    def train_step(state, x, y):
+      return step_fn(state, x.astype(dtype), y)
+
+    jitted = jax.jit(train_step, donate_argnums=(0,))
+
+    def update(state, step=None, n=1):
+      del step
+      assert n == 1, n
       b = next(self._stream)
       return jitted(state, jax.make_array_from_process_local_data(self._sharding, b["image"]),
                     jax.make_array_from_process_local_data(self._sharding, b["label"]))
 
-    return step
+    return update

@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import jax
@@ -17,12 +17,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from snapjax import checkpoints, data, ensemble, experiment, scoring, train_step, workdir as workdir_lib
+from snapjax import checkpoints, data, dispatch, ensemble, experiment, scoring, train_step, workdir as workdir_lib
 from snapjax import workdir_lock
 from snapjax import config as config_lib
 from snapjax.errors import CheckpointError
 
 PyTree = Any
+
+
+_MAX_UNCHECKED = 1024  # Dispatches the loop may run ahead of its non-finite check between logs and saves.
 
 
 class TrainingDiverged(RuntimeError):
@@ -33,7 +36,8 @@ class TrainingDiverged(RuntimeError):
 class Hooks:
   """Explicit injection points (tests, probes, tools); every field is optional.
 
-  stop_at(step) -> bool: also stop after this step, exactly as a preemption notice would.
+  stop_at(step) -> bool: also stop after this step, exactly as a preemption notice would: asked for every step, it
+    stops the run at the end of the dispatch that runs that step (config.steps_per_dispatch).
   wrap_step(step_fn) -> step_fn: wraps the per-batch update (state, x, y) -> (state, metrics) before jit.
   on_state_saved(step, state) / on_state_restored(step, state): see each train state saved or restored.
   on_init(state) -> state: replaces the fresh train state (before any restore), e.g. to perturb it; with
@@ -82,6 +86,7 @@ class _Preemption:
   runtime's and a host stopping alone hangs the others in their next collective, so none is installed then.
   If the runtime's service is off (jax_enable_preemption_service=False), each host keeps its own flag and the
   hosts agree every `agree_every` steps with an allgather of the flags.
+  Every host asks once per dispatch (after the same updates on every host), so a run stops at the end of a dispatch.
   """
 
   def __init__(self, hooks: Hooks):
@@ -89,6 +94,8 @@ class _Preemption:
     self._previous = None
     self._sync_manager = False
     self._hooks = hooks
+    self._start, self._calls = 0, 0  # The sync point counter is start + dispatches: consecutive, as the service needs.
+    self._processes = jax.process_count()
 
   def __enter__(self):
     """One process: catch SIGTERM from the start, so a notice during set-up or compilation is kept too."""
@@ -98,6 +105,7 @@ class _Preemption:
 
   def begin(self, start: int) -> None:
     """Called once before the first step (several processes: registers the start step with JAX's service)."""
+    self._start = start
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       try:  # Registers the start step, so a notice that arrives before the first step picks a later one.
@@ -120,15 +128,17 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def should_stop(self, step: int) -> bool:
-    if self._hooks.stop_at is not None and self._hooks.stop_at(step):
+  def should_stop(self, first: int, last: int) -> bool:
+    """Stop after the dispatch that ran updates first..last? Asked once per dispatch by every host."""
+    self._calls += 1
+    if self._hooks.stop_at is not None and any([self._hooks.stop_at(s) for s in range(first, last + 1)]):
       return True
-    if jax.process_count() == 1:
+    if self._processes == 1:
       return self.requested
     from jax.experimental import multihost_utils
-    if self._sync_manager:
-      return self.requested or multihost_utils.reached_preemption_sync_point(step)
-    if step % self._hooks.agree_every:
+    if self._sync_manager:  # Counter start + dispatches: consecutive on every host (K = 1: the step).
+      return self.requested or multihost_utils.reached_preemption_sync_point(self._start + self._calls)
+    if last // self._hooks.agree_every == (first - 1) // self._hooks.agree_every:  # No multiple in first..last.
       return False
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
@@ -191,10 +201,13 @@ def _restore_or_init(run: _Run, init_key: jax.Array, hooks: Hooks) -> tuple[PyTr
   """The latest train state of the workdir, or a fresh one; checks that every earlier snapshot exists."""
   replicated = run.exp.replicated
   init = jax.jit(functools.partial(train_step.init_state, run.exp, run.tx), out_shardings=replicated)
-  state = init(init_key)
+  start = run.ckpt.latest_state_step()
+  if start is None or hooks.on_init is not None:
+    state = init(init_key)
+  else:  # Only the restore target: a resumed run does not compile the initialiser (seconds: its RNG code).
+    state = jax.eval_shape(init, init_key)
   if hooks.on_init is not None:
     state = hooks.on_init(state)
-  start = run.ckpt.latest_state_step()
   if start is not None:
     state = run.ckpt.restore_state(start, checkpoints.abstract_like(state, replicated))
     logging.info("Resumed from step %d of %d in %s", start, run.plan.total_steps, run.workdir)
@@ -207,9 +220,12 @@ def _restore_or_init(run: _Run, init_key: jax.Array, hooks: Hooks) -> tuple[PyTr
 
 def _batch_source(run: _Run, start: int, data_key: jax.Array, aug_key: jax.Array) -> train_step.BatchSource:
   if run.exp.spec.in_memory:
-    source = train_step.InMemoryBatches(run.exp, run.train_arrays, run.plan, data_key, aug_key)
+    source = train_step.InMemoryBatches(run.exp, run.train_arrays, run.plan, data_key, aug_key,
+                                        run.config.steps_per_dispatch)
     run.train_arrays = None  # Only the device copy is kept.
     return source
+  if run.config.steps_per_dispatch > 1:
+    logging.info("steps_per_dispatch=%d: a streamed dataset runs one update per dispatch", run.config.steps_per_dispatch)
   # A resumed stream is reseeded from (seed, resume step): it does not replay the batches already seen, but
   # (unlike the in-memory path) its order is not the one an uninterrupted run would have had.
   split = run.config.train_split or run.exp.spec.train_split
@@ -295,7 +311,8 @@ def _save_state(run: _Run, step: int, state: PyTree, hooks: Hooks) -> None:
 
 
 def _train(run: _Run, preemption: _Preemption, hooks: Hooks) -> TrainResult:
-  """The loop: one compiled update per step; logs, saves and snapshots when it is time; stops when asked."""
+  """The loop: one compiled call per dispatch of up to steps_per_dispatch updates, ending wherever the host acts;
+  logs, saves and snapshots when it is time; stops when asked."""
   init_key, data_key, aug_key, dropout_key = jax.random.split(jax.random.PRNGKey(run.config.seed), 4)
   state, start = _restore_or_init(run, init_key, hooks)
   next_model = _next_model_fn(run, init_key, hooks)
@@ -303,32 +320,38 @@ def _train(run: _Run, preemption: _Preemption, hooks: Hooks) -> TrainResult:
   step_fn = train_step.make_train_step(run.exp.model, run.tx, run.schedule, dropout_key,
                                        smoothout=train_step.make_smoothout(run.config, run.plan),
                                        num_shards=run.exp.mesh.devices.size)
-  update = _batch_source(run, start, data_key, aug_key).compile(hooks.wrap_step(step_fn) if hooks.wrap_step
-                                                                else step_fn)
+  source = _batch_source(run, start, data_key, aug_key)
+  update = source.compile(hooks.wrap_step(step_fn) if hooks.wrap_step else step_fn)
   plan, config, scores = run.plan, run.config, []
-  pending = None  # (step, metrics) of the previous step, checked after the next step is dispatched.
+  log_every, save_every = config.log_every_steps, config.checkpoint_every_steps  # Read once: ConfigDict is slow.
+  pending = []  # Dispatches not yet checked for non-finite values: checked before anything is logged or saved.
   window = _Window(time.time(), start)
   preemption.begin(start)
-  for step in range(start + 1, plan.total_steps + 1):  # `step` counts the updates done once this one is.
-    state, metrics = update(state)
-    if pending is not None:
-      _check_finite(pending, run.ckpt)
-    pending = (step, metrics)
+  step = start  # Updates done.
+  while step < plan.total_steps:
+    first = step + 1
+    step = dispatch.dispatch_end(step, source.steps_per_dispatch, plan.total_steps, at=plan.snapshot_steps,
+                                 every=(log_every, save_every, source.period))
+    state, metrics = update(state, first - 1, step - first + 1)
+    done = _Dispatch(first, step, metrics)
+    pending.append(done)
+    if len(pending) > _MAX_UNCHECKED:  # Bounds what is held, and the updates run past a divergence.
+      _check_finite(pending[:-1], run.ckpt)
+      del pending[:-1]
     snapshot = itstime(step, at=plan.snapshot_steps)
-    save = itstime(step, config.checkpoint_every_steps, plan.total_steps, at=plan.snapshot_steps)
-    log = itstime(step, config.log_every_steps, plan.total_steps)
+    save = itstime(step, save_every, plan.total_steps, at=plan.snapshot_steps)
+    log = itstime(step, log_every, plan.total_steps)
     if save or log:  # Nothing non-finite is logged or saved.
       _check_finite(pending, run.ckpt)
-      pending = None
+      pending.clear()
     if log:
-      _log_progress(run, step, metrics, window)
+      _log_progress(run, step, done.metrics(step), window)
     if snapshot and (score := _take_snapshot(run, state, step)) is not None:
       scores.append(score)
     if save:
       _save_state(run, step, state, hooks)
-    if preemption.should_stop(step) and step < plan.total_steps:  # Every host asks at every step.
-      if pending is not None:
-        _check_finite(pending, run.ckpt)
+    if preemption.should_stop(first, step) and step < plan.total_steps:  # Every host asks after every dispatch.
+      _check_finite(pending, run.ckpt)
       if not save:
         _save_state(run, step, state, hooks)
       run.ckpt.wait()
@@ -336,8 +359,7 @@ def _train(run: _Run, preemption: _Preemption, hooks: Hooks) -> TrainResult:
                       step, plan.total_steps)
       return TrainResult(True, step, list(plan.snapshot_steps), scores)
     state = next_model(state, step)  # After the snapshot and its state save; python-level, at snapshot steps only.
-  if pending is not None:
-    _check_finite(pending, run.ckpt)
+  _check_finite(pending, run.ckpt)
   run.ckpt.wait()  # Still under the SIGTERM handler: a notice now cannot cut the final saves.
   return TrainResult(False, plan.total_steps, list(plan.snapshot_steps), scores)
 
@@ -348,7 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
 
   Every check of the user's input (config, workdir, data) runs before anything is written or compiled; a
   workdir that a live run is writing is refused. A preemption notice (SIGTERM) at any point saves the
-  state after the next step and returns a preempted result; re-running the same call resumes.
+  state after the dispatch in flight (one step unless config.steps_per_dispatch > 1) and returns a preempted
+  result; re-running the same call resumes.
 
   Args:
     config: the experiment (`snapjax.config.base_config()` and configs/*.py document every field).
@@ -402,6 +425,17 @@ def _check_snapshots(run: _Run, start: int, state: PyTree) -> None:
           f"pass --fresh to retrain")
 
 
+class _Dispatch(NamedTuple):  # A NamedTuple: made at every dispatch, and cheap to make.
+  """Updates first..last (as logged: 1-based), run by one call of the compiled update, and their metrics."""
+  first: int
+  last: int
+  stacked: dict[str, jax.Array]  # Scalars (one update per call) or one row per update (the first ones filled).
+
+  def metrics(self, step: int) -> dict[str, np.ndarray]:
+    """The host values of one update's metrics."""
+    return {k: np.reshape(v, -1)[step - self.first] for k, v in jax.device_get(self.stacked).items()}
+
+
 @dataclasses.dataclass
 class _Window:
   """Wall-clock window for images/s and ETA."""
@@ -409,11 +443,17 @@ class _Window:
   step0: int
 
 
-def _check_finite(pending, ckpt: checkpoints.RunCheckpoints) -> None:
-  """Raise TrainingDiverged if the step's loss or gradient was non-finite (pulls one scalar per step)."""
-  step, metrics = pending
-  if not bool(jax.device_get(metrics["finite"])):
-    m = jax.device_get(metrics)
+def _check_finite(dispatches: list[_Dispatch], ckpt: checkpoints.RunCheckpoints) -> None:
+  """Raise TrainingDiverged, naming the first such update, if any update of these dispatches had a non-finite loss
+  or gradient. One device sync for all of them: the loop does not wait for each dispatch."""
+  if not dispatches:
+    return
+  for d, finite in zip(dispatches, jax.device_get([d.stacked["finite"] for d in dispatches])):
+    finite = np.reshape(finite, -1)[: d.last - d.first + 1]
+    if finite.all():
+      continue
+    step = d.first + int(np.argmin(finite))
+    m = d.metrics(step)
     ckpt.wait()  # Saves in flight (all of good steps) commit first, so the message names what is on disk.
     saved = ckpt.snapshot_steps()
     last = f"step {saved[-1]} ({ckpt.snapshot_path(saved[-1])})" if saved else "none"
@@ -435,8 +475,11 @@ def _log_progress(run: _Run, step: int, metrics, window: _Window) -> None:
     logging.info("step %d/%d epoch %.2f loss %.4f acc %.3f lr %.5f %.0f img/s ETA %s", step, total,
                  step / run.plan.steps_per_epoch, m["loss"], m["accuracy"], m["lr"], rate * batch_size,
                  f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-  run.writer.write_scalars(step, {"train/loss": float(m["loss"]), "train/accuracy": float(m["accuracy"]),
-                                  "train/lr": float(m["lr"]), "train/images_per_sec": rate * batch_size})
+  scalars = {"train/loss": float(m["loss"]), "train/accuracy": float(m["accuracy"]), "train/lr": float(m["lr"]),
+             "train/images_per_sec": rate * batch_size}
+  if "smoothout_a" in m:  # SmoothOut's noise bound a * c(t) at this step.
+    scalars["train/smoothout_a"] = float(m["smoothout_a"])
+  run.writer.write_scalars(step, scalars)
   window.t0, window.step0 = now, step
 
 

@@ -25,7 +25,9 @@ TIMEOUT_S = 240  # Per launch; a run takes ~40 s here (mostly TensorFlow and JAX
 # At init_lr=1e-4 nothing is amplified: params, batch_stats and the momentum traces (the gradients) of 2x2 and
 # 1x4 stayed within MEASURED_DRIFT of each other after every step on both ISAs (`--lr 1e-4`), so a larger
 # difference means another data order, shard or RNG fold, not another order of sums.
-OVERRIDES = {"num_epochs": 0.5, "init_lr": 1e-4}
+# Two updates per dispatch: every even step ends a dispatch, so the stops these tests ask for (after steps 4 and 6,
+# or between 2 and 8) are dispatch ends, and the hosts agree on multi-update dispatches.
+OVERRIDES = {"num_epochs": 0.5, "init_lr": 1e-4, "steps_per_dispatch": 2}
 SNAPSHOT_STEPS = [4, 8]
 MEASURED_DRIFT = 1e-6
 ATOL = 10 * MEASURED_DRIFT

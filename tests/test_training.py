@@ -161,7 +161,7 @@ def test_paper_configs_match_the_paper_budgets():
               "tinyimagenet_resnet110": (150, 6, 128), "tinyimagenet_wrn32_4": (150, 6, 128),
               "tinyimagenet_densenet40": (150, 6, 64), "imagenet_resnet50": (90, 2, 256)}
   found = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
-  assert set(expected) | {"quickstart", "fashion_mnist"} == found
+  assert set(expected) | {"quickstart", "fashion_mnist", "study_fashion_mnist"} == found
   for name in sorted(found):
     spec = importlib.util.spec_from_file_location(name, os.path.join(root, name + ".py"))
     module = importlib.util.module_from_spec(spec)

@@ -1,0 +1,76 @@
+"""Compilation: each program of a run compiles once however often it runs; the persistent cache is opt-in."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from snapjax import evaluation, training
+
+import helpers
+from helpers import tiny_config
+from test_dispatch import _Compiles
+
+pytestmark = pytest.mark.devices(4)  # In-process runs use conftest's 4 CPU devices.
+
+
+def test_train_step_and_evaluator_compile_once_per_run(tiny_data, tmp_path):
+  """Two snapshots scored while training, then eval.py's logic: each program compiles once, however often it runs.
+
+  Programs made for a run (the step, its data order, the initialiser, the evaluator of the run's model) compile once
+  per run; the module-level scoring sum compiles at most once per process (an earlier test may have compiled it).
+  """
+  workdir = str(tmp_path / "run")
+  per_run = ("epoch_permutation", "init_state", "_ensemble", "normalize")
+  with _Compiles() as compiles:
+    training.train_and_evaluate(tiny_config(tiny_data), workdir)
+  for name in per_run:
+    assert compiles.count[f"jit({name})"] == 1, (name, compiles.count)
+  # The step: one program for every dispatch (train_steps: K > 1, the default; train_step: K = 1).
+  assert compiles.count["jit(train_steps)"] + compiles.count["jit(train_step)"] == 1, compiles.count
+  assert compiles.count["jit(_member_and_last_m_counts)"] <= 1, compiles.count
+  with _Compiles() as compiles:  # Resuming (here: a finished run) compiles no initialiser.
+    assert training.train_and_evaluate(tiny_config(tiny_data), workdir).step == 64
+  assert not compiles.count["jit(init_state)"], compiles.count
+  with _Compiles() as compiles:
+    evaluation.evaluate_runs([workdir], plot=False)
+  for name in ("_ensemble", "normalize"):
+    assert compiles.count[f"jit({name})"] == 1, (name, compiles.count)
+  assert compiles.count["jit(_member_and_last_m_counts)"] <= 1, compiles.count
+
+
+def _train_py(tiny_data, workdir, *flags):
+  """train.py on 2 steps of the tiny config, compile logging on, with no cache unless a flag asks for one."""
+  env = {k: v for k, v in helpers.subprocess_env(4, JAX_LOG_COMPILES="1").items()
+         if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # Cache every program, however fast this machine is.
+  argv = helpers.train_argv("train.py", tiny_data, workdir, {"num_epochs": 0.125, "eval_snapshots": False}, *flags)
+  proc = subprocess.run([sys.executable, *argv], cwd=helpers.ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stderr
+
+
+def test_compilation_cache_dir_is_opt_in_and_a_second_run_loads_the_step(tiny_data, tmp_path):
+  cache = tmp_path / "cache" / "jax"
+  first = _train_py(tiny_data, str(tmp_path / "a"), f"--compilation_cache_dir={cache}")
+  assert "Persistent compilation cache hit for 'jit_train_steps'" not in first
+  assert any("train_steps" in name for name in os.listdir(cache)), os.listdir(cache)
+  second = _train_py(tiny_data, str(tmp_path / "b"), f"--compilation_cache_dir={cache}")
+  assert "Persistent compilation cache hit for 'jit_train_steps'" in second, second[-3000:]
+  # Without the flag (and without JAX_COMPILATION_CACHE_DIR) nothing is read or written.
+  third = _train_py(tiny_data, str(tmp_path / "c"))
+  assert "Persistent compilation cache" not in third and "Finished XLA compilation of jit(train_steps)" in third
+
+
+def test_compilation_cache_dir_that_cannot_be_made_is_one_line(tiny_data, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  argv = helpers.train_argv("train.py", tiny_data, str(tmp_path / "run"), None,
+                            f"--compilation_cache_dir={blocker}/cache")
+  proc = subprocess.run([sys.executable, *argv], cwd=helpers.ROOT, env=helpers.subprocess_env(4), capture_output=True,
+                        text=True, timeout=300)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and lines[-1].startswith(f"error: --compilation_cache_dir={blocker}/cache: cannot create"), \
+      proc.stderr[-2000:]
+  assert not (tmp_path / "run").exists()

@@ -1,0 +1,222 @@
+"""scripts/study.py (issue 9): the pipeline on tiny data, resuming and skipping, the statistics, the wording."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+study = _load("study")
+SECTIONS = ("## Agreement with the paper", "## Results", "## Paired differences",
+            "## Ensemble size and diversity of one Snapshot Ensemble run", "## Did each cycle converge?", "## Budget",
+            "## Wall time and command")
+
+
+def test_the_config_has_every_arm_on_one_budget():
+  from snapjax import config as config_lib
+  module = study._load_config_module()
+  configs = {arm: module.get_config(arm) for arm in module.ARMS}
+  budget = ("model", "dataset", "train_split", "augment", "num_epochs", "batch_size", "momentum", "weight_decay")
+  for arm, c in configs.items():
+    config_lib.validate(c, 4)
+    assert {k: c[k] for k in budget} == {k: configs["snapshot"][k] for k in budget}, arm
+  assert (configs["snapshot"].train_split, configs["snapshot"].num_epochs, configs["snapshot"].num_cycles,
+          configs["snapshot"].batch_size, configs["snapshot"].init_lr) == ("train[:20000]", 30.0, 5, 128, 0.2)
+  so = configs["snapshot_smoothout"]
+  assert (so.smoothout_a, so.smoothout_noise, so.smoothout_chunks) == (0.01, "filter", 1)
+  differs = {k for k in so.keys() if so[k] != configs["snapshot"][k]}
+  assert differs == {"smoothout_a", "smoothout_noise"}  # K = 1 and "constant" are the defaults.
+  assert (configs["single"].schedule, configs["single"].num_cycles, configs["nocycle"].num_cycles,
+          configs["snapshot_lr0.1"].init_lr, configs["single_cycle"].method) == ("step", 1, 6, 0.1, "single_cycle")
+
+
+def _fake(errors: dict[str, list[float]], true_ensemble: float | None = None) -> dict:
+  """A results dict of write_results with the given per-seed test errors (NLL and ECE derived from them)."""
+  arms = {}
+  for arm, errs in errors.items():
+    arms[arm] = {"label": study.LABELS[arm], "cost": "1x",
+                 "runs": {str(s): {"error": e, "nll": 3 * e, "ece": e / 2, "last_error": e + 0.01}
+                          for s, e in enumerate(errs)}}
+  if true_ensemble is not None:
+    arms[study.TRUE_ENSEMBLE_ARM] = {"label": study.LABELS[study.TRUE_ENSEMBLE_ARM], "cost": "3x", "pooled": True,
+                                     "pooled_seeds": [0, 1, 2], "runs": {"pooled": {"error": true_ensemble,
+                                                                                    "nll": 0.2, "ece": 0.01}}}
+  budget = {"arms": {}, "model": "resnet8", "dataset": "fashion_mnist", "train_split": "train[:20000]",
+            "num_train": 20000, "augment": "none", "num_epochs": 30.0, "total_steps": 4680, "batch_size": 128,
+            "momentum": 0.9, "weight_decay": 1e-4}
+  return {"title": "fake", "arms": arms, "seeds": [0, 1, 2], "command": "python scripts/study.py", "budget": budget,
+          "num_test_examples": 10000, "figure_run": None}
+
+
+def test_mean_std_and_paired_differences_match_numpy(tmp_path):
+  se, single, nocycle = [0.101, 0.097, 0.105], [0.112, 0.108, 0.104], [0.099, 0.110, 0.103]
+  summary = study.write_results(_fake({"snapshot": se, "single": single, "nocycle": nocycle}, 0.09), str(tmp_path))
+  for arm, errs in (("snapshot", se), ("single", single)):
+    stats = summary["arms"][arm]["stats"]
+    np.testing.assert_allclose([stats["error"]["mean"], stats["error"]["std"]], [np.mean(errs), np.std(errs, ddof=1)])
+    np.testing.assert_allclose([stats["nll"]["mean"], stats["nll"]["std"]],
+                               [np.mean(3 * np.array(errs)), np.std(3 * np.array(errs), ddof=1)])
+  comp = {(c["a"], c["b"]): c for c in summary["comparisons"]}
+  diff = np.array(se) - np.array(single)
+  got = comp[("snapshot", "single")]["error"]
+  np.testing.assert_allclose([got["per_seed"][str(s)] for s in range(3)], diff)
+  np.testing.assert_allclose([got["mean"], got["std"]], [diff.mean(), diff.std(ddof=1)])
+  te = comp[(study.TRUE_ENSEMBLE_ARM, "snapshot")]["error"]  # The pooled true ensemble against every seed.
+  np.testing.assert_allclose([te["per_seed"][str(s)] for s in range(3)], 0.09 - np.array(se))
+  assert study.mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1}
+  saved = json.loads((tmp_path / "fashion_mnist.json").read_text())
+  assert saved["comparisons"][0]["error"]["per_seed"] == got["per_seed"]
+  page = (tmp_path / "fashion_mnist.md").read_text()
+  assert f"{100 * diff.mean():+.2f} ± {100 * diff.std(ddof=1):.2f}" in page
+  assert f"{100 * np.mean(se):.2f} ± {100 * np.std(se, ddof=1):.2f}" in page
+
+
+def _sentence(page: str, a: str, b: str) -> str:
+  return next(l for l in page.splitlines() if l.startswith(f"- {study.LABELS[a]} vs {study.LABELS[b]} ("))
+
+
+@pytest.mark.parametrize("sign, word, verdict", [(-1, "**agrees with the paper**", "agrees"),
+                                                 (+1, "**disagrees with the paper**", "disagrees")])
+def test_the_agreement_wording_follows_the_numbers(tmp_path, sign, word, verdict):
+  single = [0.110, 0.108, 0.112]
+  se = [e + sign * d for e, d in zip(single, (0.004, 0.001, 0.006))]
+  summary = study.write_results(_fake({"snapshot": se, "single": single}, 0.095), str(tmp_path))
+  page = (tmp_path / "fashion_mnist.md").read_text()
+  line = _sentence(page, "snapshot", "single")
+  assert word in line and f"lower test error in {3 if sign < 0 else 0} of 3 seeds" in line
+  assert {(c["a"], c["b"]): c["verdict"] for c in summary["comparisons"]}[("snapshot", "single")] == verdict
+  assert "closes" in _sentence(page, study.TRUE_ENSEMBLE_ARM, "snapshot")
+  # Mixed signs across seeds: neither agreement nor disagreement.
+  mixed = study.write_results(_fake({"snapshot": [0.10, 0.12, 0.10], "single": [0.11, 0.11, 0.11]}), str(tmp_path))
+  assert "**inconclusive: the seeds disagree**" in _sentence((tmp_path / "fashion_mnist.md").read_text(),
+                                                             "snapshot", "single")
+  assert mixed["comparisons"][0]["verdict"] == "inconclusive"
+  # A tie (float noise in a difference of equal errors) agrees with neither direction.
+  tied = study.summarize(_fake({"snapshot": [0.1, 0.099, 0.1], "single": [0.11, 0.099, 0.11]}))
+  assert tied["comparisons"][0]["verdict"] == "inconclusive" and "(1 tied)" in tied["comparisons"][0]["text"]
+  assert "not run" in _sentence((tmp_path / "fashion_mnist.md").read_text(), "snapshot", "nocycle")
+
+
+def test_the_approach_fraction_follows_the_numbers():
+  results = study.summarize(_fake({"snapshot": [0.10, 0.10], "single": [0.12, 0.11]}, 0.09))
+  text = next(c for c in results["comparisons"] if c["a"] == study.TRUE_ENSEMBLE_ARM)["text"]
+  assert "seed 0: 67%" in text and "seed 1: 50%" in text  # (0.12 - 0.10) / (0.12 - 0.09), (0.11 - 0.10) / 0.02.
+  results = study.summarize(_fake({"snapshot": [0.10, 0.10], "single": [0.12, 0.085]}, 0.09))
+  text = next(c for c in results["comparisons"] if c["a"] == study.TRUE_ENSEMBLE_ARM)["text"]
+  assert "seed 0: 67%" in text and "no worse than the true ensemble: seed 1;" in text
+
+
+def test_the_convergence_check_follows_the_snapshot_errors():
+  results = _fake({"snapshot": [0.10, 0.11], "single": [0.12, 0.12]})
+  for run in results["arms"]["snapshot"]["runs"].values():
+    run["snapshot_errors"] = [0.14, 0.12, 0.11, 0.105]  # Every cycle better than the last.
+  page = study.render_markdown(study.summarize(results))
+  assert "| 14.00 | 12.00 | 11.00 | 10.50 | 2 of 2 seeds | 1 of 2 seeds |" in page
+  assert "beats its best single snapshot in 1 of 2 seeds" in page
+  results["arms"]["snapshot"]["runs"]["0"]["error"] = 0.106  # Now the ensemble never beats the last snapshot.
+  assert "the cycles did not converge on this budget" in study.render_markdown(study.summarize(results))
+
+
+def test_dry_run_prints_the_real_plan(capsys):
+  if not os.path.exists("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz"):
+    pytest.skip("Debian's dataset-fashion-mnist is not installed")
+  assert study.main(["--dry_run", "--out", "/nonexistent/study"]) == 0
+  out = capsys.readouterr().out
+  assert "18 training runs and 19 evaluations" in out
+  for arm in study._load_config_module().ARMS:
+    for seed in (0, 1, 2):
+      assert (f"train.py --config configs/study_fashion_mnist.py:{arm} --workdir /nonexistent/study/{arm}/s{seed} "
+              f"--config.seed={seed}") in out
+  assert "eval.py --workdir /nonexistent/study/snapshot/s0 --analyses=weight_average" in out
+  assert ("eval.py --workdir /nonexistent/study/single/s0 --workdir /nonexistent/study/single/s1 --workdir "
+          "/nonexistent/study/single/s2 --out_dir /nonexistent/study/true_ensemble/eval") in out
+  assert "4680 updates x batch 128 = 599,040 images" in out
+  assert not os.path.exists("/nonexistent")
+
+
+def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(tiny_data, tmp_path, monkeypatch, capsys):
+  from snapjax import evaluation, training
+  out, results = tmp_path / "study", tmp_path / "results"
+  argv = ["--tiny", tiny_data, "--out", str(out), "--results_dir", str(results), "--seeds", "0,1", "--in_process",
+          "--arms", f"snapshot,single,{study.WEIGHT_AVERAGE_ARM},{study.TRUE_ENSEMBLE_ARM}"]
+  calls = []
+  real_train, real_eval = training.train_and_evaluate, evaluation.evaluate_runs
+
+  def preempting_train(config, workdir, **kw):  # The single model of seed 0 is preempted mid-way.
+    calls.append(("train", os.path.relpath(workdir, out)))
+    if os.path.relpath(workdir, out) == "single/s0":
+      kw["hooks"] = training.Hooks(stop_at=lambda step: step == 12)
+    return real_train(config, workdir, **kw)
+
+  monkeypatch.setattr(training, "train_and_evaluate", preempting_train)
+  assert study.main(argv) == 3  # Stopped: the state is saved.
+  assert calls == [("train", "snapshot/s0"), ("train", "single/s0")]
+  assert "stopped during train/single/s0" in capsys.readouterr().out
+  assert not results.exists()
+
+  calls.clear()
+
+  def counting_train(config, workdir, **kw):
+    calls.append(("train", os.path.relpath(workdir, out)))
+    return real_train(config, workdir, **kw)
+
+  def counting_eval(workdirs, **kw):
+    calls.append(("eval", os.path.relpath(kw["out_dir"], out)))
+    return real_eval(workdirs, **kw)
+
+  monkeypatch.setattr(training, "train_and_evaluate", counting_train)
+  monkeypatch.setattr(evaluation, "evaluate_runs", counting_eval)
+  assert study.main(argv) == 0
+  # The preempted run resumed (not restarted: it kept its state and its log says so); the finished one is skipped.
+  assert calls == [("train", "single/s0"), ("eval", "single/s0/eval"),
+                   ("train", "snapshot/s1"), ("eval", "snapshot/s1/eval"), ("train", "single/s1"),
+                   ("eval", "single/s1/eval"), ("eval", "true_ensemble/eval")]
+  log = capsys.readouterr()
+  assert "run train/single/s0 (resuming)" in log.out and "skip train/snapshot/s0: done" in log.out
+
+  page = (results / "fashion_mnist.md").read_text()
+  for section in SECTIONS:
+    assert section in page, section
+  data = json.loads((results / "fashion_mnist.json").read_text())
+  assert set(data["arms"]) == {"snapshot", "single", study.WEIGHT_AVERAGE_ARM, study.TRUE_ENSEMBLE_ARM}
+  for arm in ("snapshot", "single", study.WEIGHT_AVERAGE_ARM):
+    assert set(data["arms"][arm]["runs"]) == {"0", "1"}, arm
+    assert data["arms"][arm]["stats"]["error"]["n"] == 2
+  report = json.loads((out / "snapshot" / "s1" / "eval" / "report.json").read_text())
+  assert data["arms"]["snapshot"]["runs"]["1"]["error"] == report["ensemble"]["error"]
+  assert data["arms"][study.WEIGHT_AVERAGE_ARM]["runs"]["1"]["error"] == report["weight_average"][-1]["error"]
+  te = json.loads((out / "true_ensemble" / "eval" / "report.json").read_text())
+  assert len(te["snapshots"]) == 2 and data["arms"][study.TRUE_ENSEMBLE_ARM]["runs"]["pooled"]["error"] == (
+      te["ensemble"]["error"])
+  comp = {(c["a"], c["b"]): c for c in data["comparisons"]}
+  single = data["arms"]["single"]["runs"]
+  assert comp[("snapshot", "single")]["error"]["per_seed"] == {
+      s: data["arms"]["snapshot"]["runs"][s]["error"] - single[s]["error"] for s in ("0", "1")}
+  for png in ("fashion_mnist_error_vs_m.png", "fashion_mnist_diversity.png"):
+    assert (results / png).stat().st_size > 0 and f"]({png})" in page
+  assert data["budget"]["total_steps"] == 32 and data["budget"]["arms"]["snapshot"]["snapshot_steps"] == [16, 32]
+  assert data["wall_time"]["train_runs"] == 4 and data["wall_time"]["invocations"] == 2
+  assert "Tiny pipeline test" in page and "--tiny" in data["command"]
+
+  # Everything is done: a third invocation trains and evaluates nothing, and writes the page again.
+  def refuse(*args, **kw):
+    raise AssertionError("a finished run was run again")
+
+  monkeypatch.setattr(training, "train_and_evaluate", refuse)
+  monkeypatch.setattr(evaluation, "evaluate_runs", refuse)
+  mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "study_state" not in p.name}
+  (results / "fashion_mnist.md").unlink()
+  assert study.main(argv) == 0
+  assert (results / "fashion_mnist.md").exists()
+  assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "study_state" not in p.name}
