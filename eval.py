@@ -41,7 +41,7 @@ def main(argv):
       FLAGS.workdir, last_m=FLAGS.last_m, out_dir=FLAGS.out_dir, data_overrides=overrides,
       eval_batch_size=FLAGS.eval_batch_size, export_path=FLAGS.export, analyses=FLAGS.analyses, **passes))
   print(report_lib.summary(report))
-  for line in report_lib.analyses_summary(report):
+  for line in report_lib.members_summary(report) + report_lib.analyses_summary(report):
     print(line)
   if "export" in report:
     print(report_lib.export_summary(report["export"], FLAGS.export))

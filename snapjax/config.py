@@ -9,6 +9,7 @@ import ml_collections
 SCHEDULES = ("cosine_cycles", "step")
 METHODS = ("snapshot", "single_cycle")
 SMOOTHOUT_NOISES = ("uniform", "weight", "filter")
+MEMBER_STRATEGIES = ("auto", "loop", "map", "vmap")  # How one device group runs its members (snapjax/members.py).
 SMOOTHOUT_SCHEDULES = ("constant", "anneal", "tanh")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # Field value -> compute dtype (params stay float32).
 AUGMENTS = ("", "crop_flip", "none")
@@ -58,6 +59,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 100  # Progress line and TensorBoard scalars every this many steps.
   c.checkpoint_every_steps = 1000  # Save the full train state (for resuming) every this many steps.
   c.eval_snapshots = True  # Score every snapshot on the test split when it is taken.
+  # Ensemble members trained side by side (snapjax/members.py): member k is the run with seed `seed + k`.
+  c.num_members = 1  # K independent networks in one program; 1 = the ordinary run.
+  c.member_groups = 0  # Device groups (size of the "member" mesh axis); 0 = auto (gcd of members and devices).
+  c.member_strategy = "auto"  # In a device group: "loop" (unrolled), "map" (lax.map), "vmap"; "auto" = loop.
+  # method="single_cycle" only: train the M models side by side as members (ceil(T / M) updates each) instead of
+  # one after another; the same snapshots as the sequential run.
+  c.single_cycle_parallel = False
   # Updates per compiled call (in-memory datasets; streamed ones run 1): up to K steps in one device loop, ending at
   # every snapshot, save and log step, with the same results as K = 1; a preemption stops at the end of a dispatch.
   # 16 measured fastest on CPU and in a small model's regime (docs/performance.md, "Steps per dispatch").
@@ -243,6 +251,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     v = config[name]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
       raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+  validate_members(config, num_devices)
   if not isinstance(config.weight_decay, (int, float)) or config.weight_decay < 0:
     raise ConfigError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
   if config.batch_size % num_devices:
@@ -254,3 +263,36 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f"smoothout_chunks={config.smoothout_chunks} does not divide the per-device batch "
         f"{config.batch_size // num_devices} (batch_size={config.batch_size} over {num_devices} devices); "
         f"allowed: a divisor of {config.batch_size // num_devices}")
+
+
+def training_members(config: ml_collections.ConfigDict) -> int:
+  """Networks trained side by side: num_members, times the M models of a parallel SingleCycle run."""
+  parallel = config.get("single_cycle_parallel", False) and config.method == "single_cycle"
+  return config.get("num_members", 1) * (config.num_cycles if parallel else 1)
+
+
+def member_group_choices(config: ml_collections.ConfigDict, num_devices: int) -> list[int]:
+  """The member_groups values that fit: divisors of both the training members and the device count."""
+  k = training_members(config)
+  return [g for g in range(1, min(k, num_devices) + 1) if k % g == 0 and num_devices % g == 0]
+
+
+def validate_members(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """ConfigError (one line, naming the valid values) for member fields that do not fit the config or devices."""
+  from snapjax.errors import ConfigError
+  v = config.num_members
+  if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    raise ConfigError(f"num_members must be an integer >= 1, got {v!r}")
+  if config.member_strategy not in MEMBER_STRATEGIES:
+    raise ConfigError(f"member_strategy={config.member_strategy!r} is not known; allowed: "
+                      f"{', '.join(MEMBER_STRATEGIES)}")
+  if not isinstance(config.single_cycle_parallel, bool):
+    raise ConfigError(f"single_cycle_parallel must be True or False, got {config.single_cycle_parallel!r}")
+  if config.single_cycle_parallel and config.method != "single_cycle":
+    raise ConfigError(f"single_cycle_parallel=True trains SingleCycle's models side by side: it needs "
+                      f"method='single_cycle', got method={config.method!r}")
+  g = config.member_groups
+  choices = member_group_choices(config, num_devices)
+  if isinstance(g, bool) or not isinstance(g, int) or (g != 0 and g not in choices):
+    raise ConfigError(f"member_groups={g!r} does not fit {training_members(config)} training member(s) on "
+                      f"{num_devices} device(s); allowed: 0 (auto), {', '.join(map(str, choices))}")

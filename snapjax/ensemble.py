@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, Any], jax.Array]
@@ -181,6 +182,41 @@ def _ensemble(apply_fn, stacked, x, *, last_m, strategy, chunk_size, return_memb
   return mean_BxC
 
 
+def member_axis(stacked: PyTree) -> tuple[jax.sharding.Mesh, str] | None:
+  """(mesh, axis) when the stacked snapshots are sharded over a mesh axis along their leading axis, else None."""
+  leaves = jax.tree.leaves(stacked)
+  leaf = leaves[0] if leaves else None
+  if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+    return None
+  sharding = leaf.sharding
+  if not isinstance(sharding, jax.sharding.NamedSharding) or not sharding.spec or not isinstance(sharding.spec[0],
+                                                                                                   str):
+    return None
+  axis = sharding.spec[0]
+  return (sharding.mesh, axis) if sharding.mesh.shape[axis] > 1 else None
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "last_m", "strategy", "return_members", "mesh", "axis"))
+def _ensemble_sharded(apply_fn, stacked, x, *, last_m, strategy, return_members, mesh, axis):
+  """The ensemble of snapshots sharded over `axis`: each device group runs its own, one psum makes the mean."""
+  num = _num_members(stacked)
+
+  def group(local, x):
+    n = _num_members(local)
+    index_N = jax.lax.axis_index(axis) * n + jnp.arange(n)
+    weight_N = (index_N >= num - last_m).astype(jnp.float32)
+    fn = lambda v: _member_probs(apply_fn, v, x)
+    probs_NxBxC = jax.vmap(fn)(local) if strategy == "vmap" else jax.lax.map(fn, local)
+    mean_BxC = jax.lax.psum(jnp.einsum("n,nbc->bc", weight_N, probs_NxBxC), axis) / last_m
+    return mean_BxC, probs_NxBxC
+
+  mean_BxC, probs_MxBxC = jax.shard_map(group, mesh=mesh, in_specs=(P(axis), P()), out_specs=(P(), P(axis)),
+                                        axis_names={axis})(stacked, x)
+  if return_members:
+    return mean_BxC, probs_MxBxC[num - last_m:]
+  return mean_BxC
+
+
 def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int | None = None,
                      strategy: str = "auto", chunk_size: int | None = None,
                      return_members: bool = False):
@@ -203,6 +239,11 @@ def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int 
     chunk_size: For ``"map"`` only, members vmapped per step (capped at ``last_m``); ignored by the
       other strategies; ``None`` means one at a time.
     return_members: Also return every member's softmax.
+
+  Snapshots sharded over a mesh axis along their leading axis (e.g. the "member" axis of a K-member run,
+  `NamedSharding(mesh, P("member"))`) are evaluated where they are: each device group runs its own snapshots
+  (``"vmap"`` or, for the others, ``"map"``; chunk_size is ignored) and the mean is one psum over that axis; x
+  must then be on the same mesh (replicated over that axis).
 
   Returns:
     The mean softmax, float32 of shape ``(batch, classes)``; with ``return_members``, the tuple
@@ -249,6 +290,10 @@ def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int 
       chunk_size = None  # Only "map" batches members; "vmap" does all at once, "loop" one at a time.
     else:
       chunk_size = min(int(chunk_size), int(last_m))
+  sharded = member_axis(stacked)
+  if sharded is not None:
+    return _ensemble_sharded(apply_fn, stacked, x, last_m=int(last_m), strategy=strategy,
+                             return_members=bool(return_members), mesh=sharded[0], axis=sharded[1])
   return _ensemble(apply_fn, stacked, x, last_m=int(last_m), strategy=strategy, chunk_size=chunk_size,
                    return_members=bool(return_members))
 

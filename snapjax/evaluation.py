@@ -22,9 +22,18 @@ from snapjax.errors import CheckpointError, ConfigError
 
 @dataclasses.dataclass
 class Member:
+  """One snapshot: its run, step, ensemble member (k of a K-member run, seed = the run's seed + k) and variables."""
   workdir: str
   step: int
   variables: Any
+  member: int = 0
+  seed: int | None = None
+
+
+def num_members(workdir: str) -> int:
+  """K of a run: its snapshots hold K members stacked on a leading axis when K > 1 (1 for older runs)."""
+  saved = workdir_lib.read_config(workdir) or {}
+  return int(saved.get("num_members", 1))
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -51,11 +60,18 @@ def check_compatible(configs: list[ml_collections.ConfigDict], workdirs: list[st
       raise CheckpointError(f"runs {workdirs[0]!r} and {wd!r} cannot be ensembled together ({shown})")
 
 
+def _stacked_abstract(abstract: Any, k: int) -> Any:
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype, sharding=a.sharding), abstract)
+
+
 def restore_members(workdirs: list[str], exp: experiment.Experiment) -> list[Member]:
-  """Every snapshot of every run, in the order given and, within a run, in training order."""
+  """Every snapshot of every run, in the order given and, within a run, in training order (members of one step
+  in member order): a K-member run's snapshot at a step gives K Members."""
   abstract = exp.abstract_variables()
   members = []
   for wd in workdirs:
+    k = num_members(wd)
+    seed = (workdir_lib.read_config(wd) or {}).get("seed")
     ckpt = checkpoints.RunCheckpoints(wd, read_only=True)
     try:
       steps = ckpt.snapshot_steps()
@@ -63,8 +79,14 @@ def restore_members(workdirs: list[str], exp: experiment.Experiment) -> list[Mem
         raise CheckpointError(f"no snapshots in workdir {wd!r} ({os.path.join(wd, checkpoints.SNAPSHOT_DIR)} "
                               f"is empty): train first")
       for step in steps:
-        variables, _ = ckpt.restore_snapshot(step, abstract)
-        members.append(Member(wd, step, variables))
+        if k == 1:
+          variables, _ = ckpt.restore_snapshot(step, abstract)
+          members.append(Member(wd, step, variables, 0, seed))
+          continue
+        stacked, _ = ckpt.restore_snapshot(step, _stacked_abstract(abstract, k))
+        for i in range(k):
+          members.append(Member(wd, step, jax.tree.map(lambda a, i=i: a[i], stacked), i,
+                                None if seed is None else seed + i))
     finally:
       ckpt.close()
   return members
@@ -74,9 +96,41 @@ def _count_snapshots(workdirs: list[str]) -> int:
   num = 0
   for wd in workdirs:
     ckpt = checkpoints.RunCheckpoints(wd, read_only=True)
-    num += len(ckpt.snapshot_steps())
+    num += len(ckpt.snapshot_steps()) * num_members(wd)
     ckpt.close()
   return num
+
+
+def member_groups(members: list[Member]) -> tuple[list[tuple[str, int, int | None]], list[list[int]], list[int]]:
+  """((workdir, member, seed) of each ensemble member, its snapshots' indices, the final snapshot of each)."""
+  keys, groups = [], {}
+  for i, m in enumerate(members):
+    key = (m.workdir, m.member, m.seed)
+    if key not in groups:
+      keys.append(key)
+      groups[key] = []
+    groups[key].append(i)
+  return keys, [groups[k] for k in keys], [groups[k][-1] for k in keys]
+
+
+def member_entries(keys, groups, finals, steps, scores: scoring.Scores) -> dict[str, Any]:
+  """The report's "members" (each member's last-m ensembles) and "true_ensemble" (its K final snapshots).
+
+  scores.groups holds, in order, each member's last-m ensembles (m = 1..its snapshot count), then the finals'.
+  """
+  out, g = [], 0
+  for (wd, member, seed), idx in zip(keys, groups):
+    out.append({"workdir": wd, "member": member, "seed": seed, "steps": [steps[i][1] for i in idx],
+                "ensembles": [{"m": m + 1, **scores.groups[g + m].as_dict()} for m in range(len(idx))]})
+    g += len(idx)
+  true = {"size": len(finals), "members": [{"workdir": steps[i][0], "member": keys[n][1], "step": steps[i][1]}
+                                           for n, i in enumerate(finals)], **scores.groups[g].as_dict()}
+  return {"members": out, "true_ensemble": true}
+
+
+def member_score_groups(groups: list[list[int]], finals: list[int]) -> list[list[int]]:
+  """score_snapshots' groups for member_entries: each member's last-m snapshots, then every member's final."""
+  return [idx[len(idx) - m - 1:] for idx in groups for m in range(len(idx))] + [finals]
 
 
 def check_export_path(path: str) -> None:
@@ -215,8 +269,10 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     interpolation_points: lambdas of the interpolation, evenly spaced in [0, 1] with both ends.
 
   Returns:
-    The report: "snapshots" (each one's workdir, step, error, nll, count), "ensembles" (each last-m), the
-    headline "ensemble" and "num_test_examples"; "calibration" (ece, brier, nll and reliability bins of every
+    The report: "snapshots" (each one's workdir, member, step, error, nll, count), "ensembles" (each last-m of
+    all snapshots in order), the headline "ensemble" and "num_test_examples"; "members" (each ensemble member's
+    own last-m ensembles: member k of a K-member run, seed + k) and "true_ensemble" (the ensemble of every
+    member's final snapshot); "calibration" (ece, brier, nll and reliability bins of every
     snapshot and last-m ensemble), "diversity" (M x M "disagreement" and "correlation"), "ensembles_first_m";
     with analyses, "weight_average" and/or "interpolation" and "bn_recompute"; with export_path, "export"
     (the written description).
@@ -262,17 +318,22 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   num = len(members)
   last_m = last_m or num
   steps = [(m.workdir, m.step) for m in members]
+  member_ids = [m.member for m in members]
+  keys, groups, finals = member_groups(members)
   stacked = ensemble.stack_snapshots([m.variables for m in members])
   del members[:]  # Only the stack is kept in device memory.
 
-  scores = scoring.score_snapshots(exp.apply_fn, stacked, exp.test_batches(eval_batch_size, test_arrays))
+  scores = scoring.score_snapshots(exp.apply_fn, stacked, exp.test_batches(eval_batch_size, test_arrays),
+                                   groups=member_score_groups(groups, finals))
   headline = scores.ensemble if last_m == num else scores.last_m[last_m - 1]
   report = {
       "dataset": config.dataset, "model": config.model, "workdirs": list(workdirs),
       "num_test_examples": headline.count,
-      "snapshots": [{"workdir": wd, "step": st, **s.as_dict()} for (wd, st), s in zip(steps, scores.members)],
+      "snapshots": [{"workdir": wd, "member": k, "step": st, **s.as_dict()}
+                    for (wd, st), k, s in zip(steps, member_ids, scores.members)],
       "ensembles": [{"m": i + 1, **s.as_dict()} for i, s in enumerate(scores.last_m)],
       "ensemble": {"m": last_m, **headline.as_dict()},
+      **member_entries(keys, groups, finals, steps, scores),
       **analysis_entries(scores, steps),
   }
   if analyses:

@@ -123,12 +123,41 @@ def _analysis_markdown(report: dict[str, Any]) -> list[str]:
   return lines
 
 
+def members_summary(report: dict[str, Any]) -> list[str]:
+  """A line for the true ensemble (every member's final snapshot) when the runs hold several members."""
+  if len(report.get("members", [])) < 2:
+    return []
+  t = report["true_ensemble"]
+  return [f"true ensemble of the {t['size']} members' final snapshots error {100 * t['error']:.2f}%, NLL "
+          f"{t['nll']:.4f} | all {len(report['snapshots'])} snapshots error "
+          f"{100 * report['ensembles'][-1]['error']:.2f}%"]
+
+
+def _members_markdown(report: dict[str, Any]) -> list[str]:
+  """Each ensemble member's own snapshot ensemble and the true ensemble (runs with several members)."""
+  if len(report.get("members", [])) < 2:
+    return []
+  lines = ["", "## Members", "",
+           "| run | member | seed | final snapshot error (%) | its snapshot ensemble error (%) |",
+           "|---|---|---|---|---|"]
+  for m in report["members"]:
+    lines.append(f"| {m['workdir']} | {m['member']} | {m['seed']} | {100 * m['ensembles'][0]['error']:.2f} | "
+                 f"{100 * m['ensembles'][-1]['error']:.2f} |")
+  t = report["true_ensemble"]
+  lines += ["", f"True ensemble (the {t['size']} members' final snapshots): {100 * t['error']:.2f}% error, "
+            f"NLL {t['nll']:.4f}; ensemble of all {len(report['snapshots'])} snapshots: "
+            f"{100 * report['ensembles'][-1]['error']:.2f}% error."]
+  return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
   lines = [f"# Snapshot Ensemble evaluation: {report['model']} on {report['dataset']} "
            f"({report['num_test_examples']} test examples)", "",
-           "| snapshot | run | step | error (%) | NLL |", "|---|---|---|---|---|"]
+           "| snapshot | run | member | step | error (%) | NLL |", "|---|---|---|---|---|---|"]
   for i, s in enumerate(report["snapshots"]):
-    lines.append(f"| {i + 1} | {s['workdir']} | {s['step']} | {100 * s['error']:.2f} | {s['nll']:.4f} |")
+    lines.append(f"| {i + 1} | {s['workdir']} | {s.get('member', 0)} | {s['step']} | {100 * s['error']:.2f} | "
+                 f"{s['nll']:.4f} |")
+  lines += _members_markdown(report)
   lines += ["", "| last-m ensemble | error (%) | NLL |", "|---|---|---|"]
   for e in report["ensembles"]:
     lines.append(f"| m={e['m']} | {100 * e['error']:.2f} | {e['nll']:.4f} |")

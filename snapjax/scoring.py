@@ -62,6 +62,7 @@ class Scores:
   last_m_calibration: list[analysis.CalibrationCounts] = dataclasses.field(default_factory=list)
   first_m_calibration: list[analysis.CalibrationCounts] = dataclasses.field(default_factory=list)
   diversity: analysis.DiversityCounts | None = None
+  groups: list[Score] = dataclasses.field(default_factory=list)  # One per row of score_snapshots' `groups`.
 
 
 def batch_counts(probs_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array) -> np.ndarray:
@@ -96,15 +97,33 @@ def _analysis_counts(probs_MxBxC: jax.Array, labels_B: jax.Array, mask_B: jax.Ar
           analysis.diversity_counts(probs_MxBxC, mask_B))
 
 
+@jax.jit
+def _group_counts(probs_MxBxC: jax.Array, weights_GxM: jax.Array, labels_B: jax.Array, mask_B: jax.Array):
+  """(errors, nll_sum, n) of each weighted mean of the members (one row of weights_GxM per group): (G, 3)."""
+  probs_GxBxC = jnp.einsum("gm,mbc->gbc", weights_GxM, probs_MxBxC, precision=jax.lax.Precision.HIGHEST)
+  return jax.vmap(lambda p: _stacked_counts(ensemble.counts(p, labels_B, mask_B)))(probs_GxBxC)
+
+
+def group_weights(groups: list[list[int]], num: int) -> np.ndarray:
+  """(G, num) float32 weights of the mean over each group of member indices (score_snapshots' `groups`)."""
+  w = np.zeros((len(groups), num), np.float32)
+  for g, members in enumerate(groups):
+    w[g, members] = 1.0 / len(members)
+  return w
+
+
 def score_snapshots(apply_fn: Callable[[PyTree, jax.Array], jax.Array], stacked: PyTree,
-                    batches: Iterable[tuple[jax.Array, jax.Array, jax.Array]], num_bins: int = NUM_BINS) -> Scores:
+                    batches: Iterable[tuple[jax.Array, jax.Array, jax.Array]], num_bins: int = NUM_BINS,
+                    groups: list[list[int]] | None = None) -> Scores:
   """Scores M stacked snapshots (`ensemble.stack_snapshots`) over every (x, y, mask) batch, one model pass each.
 
   Sums are exact over padded, masked batches (float64 on the host); the all-M ensemble is ensemble_predict's
   own mean, the others, the calibration counts (``num_bins`` bins) and the diversity sums come from the same
-  per-member softmaxes: the snapshots run once per batch.
+  per-member softmaxes: the snapshots run once per batch. ``groups`` (lists of snapshot indices) adds the score
+  of each group's ensemble (Scores.groups), from the same pass.
   """
   totals = None
+  weights = None if not groups else jnp.asarray(group_weights(groups, ensemble._num_members(stacked)))
   for x, y, mask in batches:
     mean_BxC, probs_MxBxC = ensemble.ensemble_predict(apply_fn, stacked, x, return_members=True)
     per_member, per_m = _member_and_last_m_counts(probs_MxBxC, y, mask)
@@ -112,17 +131,20 @@ def score_snapshots(apply_fn: Callable[[PyTree, jax.Array], jax.Array], stacked:
     head = batch_counts(mean_BxC, y, mask)
     batch = jax.device_get((per_member, per_m, first, *calibration, diversity))
     counts = [np.asarray(a, np.float64) for a in (*batch[:3], head)]
+    if weights is not None:
+      counts.append(np.asarray(jax.device_get(_group_counts(probs_MxBxC, weights, y, mask)), np.float64))
     sums = [_on_host(c) for c in batch[3:]]
     totals = (counts, sums) if totals is None else (
         [t + c for t, c in zip(totals[0], counts)], [t.merge(c) for t, c in zip(totals[1], sums)])
   if totals is None:
     raise ValueError("batches yielded no batch: nothing to score")
-  (member_tot, last_m_tot, first_m_tot, all_tot), (*calibration_tot, diversity_tot) = totals
+  (member_tot, last_m_tot, first_m_tot, all_tot, *group_tot), (*calibration_tot, diversity_tot) = totals
   members_cal, last_m_cal, first_m_cal = (_split(t) for t in calibration_tot)
   return Scores(members=[Score.from_totals(t) for t in member_tot],
                 last_m=[Score.from_totals(t) for t in last_m_tot], ensemble=Score.from_totals(all_tot),
                 first_m=[Score.from_totals(t) for t in first_m_tot], member_calibration=members_cal,
-                last_m_calibration=last_m_cal, first_m_calibration=first_m_cal, diversity=diversity_tot)
+                last_m_calibration=last_m_cal, first_m_calibration=first_m_cal, diversity=diversity_tot,
+                groups=[Score.from_totals(t) for t in group_tot[0]] if group_tot else [])
 
 
 @functools.partial(jax.jit, static_argnames="num_bins")

@@ -43,6 +43,8 @@ class Hooks:
   on_init(state) -> state: replaces the fresh train state (before any restore), e.g. to perturb it; with
     method="single_cycle" also each later model's fresh state, when it takes over after a cycle end.
   agree_every: several hosts without JAX's preemption service compare their stop flags every this many steps.
+  In a member run (snapjax/member_training.py) the states are the stacked members' and steps are loop steps;
+  wrap_step wraps each member's own step function.
   """
   stop_at: Callable[[int], bool] | None = None
   wrap_step: Callable[[train_step.StepFn], train_step.StepFn] | None = None
@@ -394,9 +396,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   with _Preemption(hooks) as preemption:
     run = _set_up(config, workdir, fresh)
     try:
-      return _train(run, preemption, hooks)
+      return _train_fn(config)(run, preemption, hooks)
     finally:
       run.close()
+
+
+def _train_fn(config: ml_collections.ConfigDict) -> Callable[[_Run, _Preemption, Hooks], TrainResult]:
+  """The loop of this config: `_train`, or members side by side (snapjax/member_training.py, num_members > 1)."""
+  from snapjax import members  # Imported here: member_training imports this module.
+  if not members.is_member_run(config):
+    return _train
+  from snapjax import member_training
+  return member_training.train
 
 
 def _check_snapshots(run: _Run, start: int, state: PyTree) -> None:
