@@ -86,17 +86,19 @@ def _parse() -> argparse.Namespace:
   p.add_argument("--paper_table", metavar="JSON", default=None,
                  help="instead of the rows above: the step of every config in docs/results/paper.md (each distinct "
                       "model, input, batch and dtype compiled once) and each row's projected hours on one H100 and "
-                      "on a TPU v5e-8, written to JSON for `scripts/paper_table.py --projections JSON`")
+                      "on a TPU v5e-8, written to JSON for `scripts/paper_table.py --projections JSON`; the steps' costs "
+                      "are kept in JSON.steps, and a rerun compiles only those missing there")
   return p.parse_args()
 
 
-def paper_projections() -> dict[str, str]:
+def paper_projections(cache: str | None = None) -> dict[str, str]:
   """{paper.md config string: 'H h on 1 H100; T h on a TPU v5e-8'} at the roofline bound of each row's own step.
 
   The row's run has plan.total_steps updates of its global batch (train_step.make_plan on the dataset's training
   examples: epochs x floor(examples / batch)). A TPU v5e-8 is 8 chips with the batch split over them: 8 x one chip's
   bound, the ideal of data parallelism (per-chip batches of 8 for CIFAR leave a chip's MXU mostly idle, so this is
-  the most optimistic of the bounds).
+  the most optimistic of the bounds). `cache`: a JSON file of the step costs compiled so far, read and extended,
+  so that an interrupted run goes on where it stopped.
   """
   import importlib.util
   import json
@@ -107,6 +109,9 @@ def paper_projections() -> dict[str, str]:
   paper_table = importlib.util.module_from_spec(spec_)
   spec_.loader.exec_module(paper_table)
   costs, out = {}, {}
+  if cache and os.path.exists(cache):
+    with open(cache) as f:
+      costs = json.load(f)
   for r in paper_table.rows():
     c = paper_table.load_config(r)
     spec = data.get_spec(c.dataset)
@@ -116,6 +121,9 @@ def paper_projections() -> dict[str, str]:
     key = json.dumps([c.model, repr(sorted(config_lib.model_kwargs(c).items())), shape, c.batch_size, c.dtype])
     if key not in costs:
       costs[key] = config_step_cost(c, shape, spec.num_classes)
+      if cache:
+        with open(cache, "w") as f:
+          json.dump(costs, f, indent=1)
       print(f"  {c.model} {shape} batch {c.batch_size} {c.dtype} ({r['config']}): "
             f"{costs[key]['flops'] / c.batch_size / 1e9:.2f} GFLOP/image, compiled in {costs[key]['compile_s']:.0f} s",
             flush=True)
@@ -167,7 +175,7 @@ def main() -> None:
   args = _parse()
   if args.paper_table:
     import json
-    projections = paper_projections()
+    projections = paper_projections(cache=args.paper_table + ".steps")
     with open(args.paper_table, "w") as f:
       json.dump(projections, f, indent=1)
     print(f"wrote {args.paper_table}: {len(projections)} rows; `python scripts/paper_table.py --projections "

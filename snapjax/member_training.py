@@ -4,8 +4,8 @@ The same loop as training._train (log, save, snapshot, preemption, the non-finit
 stacked train state: one compiled update trains every member, and each snapshot saves the K seed members'
 variables stacked on a leading member axis (unstacked when K = 1, i.e. a parallel SingleCycle run, whose
 workdir then has the sequential run's layout). train_and_evaluate calls `train` when `members.is_member_run`.
-A member run dispatches one update of every member per call (`steps_per_dispatch` applies to 1-member runs), and
-each member draws its batch from the permutation of its epoch inside the update.
+A member run dispatches one update of every member per call (`steps_per_dispatch` applies to 1-member runs); each
+member's order of the data is computed when its epoch changes (members.MemberBatches.permutations).
 """
 import time
 from typing import Any
@@ -199,7 +199,7 @@ def train(run, preemption, hooks: training.Hooks) -> training.TrainResult:
   window = training._Window(time.time(), start)
   preemption.begin(start)
   for i in range(start + 1, mp.loop_steps + 1):
-    state, metrics = update(state)
+    state, metrics = update(state, i)
     if pending is not None:
       _check_finite(m, pending)
     pending = (i, metrics)

@@ -188,40 +188,65 @@ def make_fresh(exp: Experiment, tx, mp: MemberPlan, mesh) -> Callable[[PyTree, n
   return jax.jit(fresh, out_shardings=NamedSharding(mesh, P(MEMBER_AXIS)), donate_argnums=(0,))
 
 
+def make_member_permutation_fn(mesh, rows: int, strategy: str) -> Callable:
+  """(data_keys_J, epochs_J) -> each member's order of every shard it draws from for its epoch, (J, D, G, rows).
+
+  Data device d of the mesh holds the shards of the 1-member run's devices d * G + i (i < G, G = the member axis's
+  size); their orders are the 1-member run's (train_step.make_epoch_permutation_fn: keyed by seed, epoch and
+  device). A permutation sorts the whole shard, so it runs in its own compiled call when a member's epoch changes,
+  not inside every update.
+  """
+  virtual = mesh.shape[MEMBER_AXIS]
+
+  def local(data_keys_m, epochs_m):
+    j = jax.lax.axis_index(DATA_AXIS)
+
+    def member(args):
+      data_key, epoch = args
+      key = jax.random.fold_in(data_key, epoch)
+      return jnp.stack([jax.random.permutation(jax.random.fold_in(key, j * virtual + i), rows)
+                        for i in range(virtual)])[None]
+
+    return _map(strategy, member, (data_keys_m, epochs_m))
+
+  spec = P(MEMBER_AXIS)
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=P(MEMBER_AXIS, DATA_AXIS)))
+
+
 def make_member_batch_fn(mesh, spec: data.DatasetSpec, plan: train_step.Plan, batch_size: int,
                          strategy: str) -> Callable:
-  """(images, labels, steps_J, data_keys_J, aug_keys_J) -> every member's global batch, (J, B, ...).
+  """(images, labels, steps_J, perms_J, aug_keys_J) -> every member's global batch, (J, B, ...).
 
   The split is sharded over "data" (replicated over "member"); each data device holds the shards of
   `virtual` = G consecutive devices of the 1-member run on D devices and draws, for each of its members, the
-  slices those devices draw (train_step.make_device_batch_fn's keys), in their order.
+  slices those devices draw (train_step.make_device_batch_fn's slices and keys), in their order; perms_J come
+  from make_member_permutation_fn.
   """
   num_devices = mesh.devices.size
   virtual = mesh.shape[MEMBER_AXIS]
   local_batch = batch_size // num_devices
 
-  def local(images_l, labels_l, steps_m, data_keys_m, aug_keys_m):
+  def local(images_l, labels_l, steps_m, perms_m, aug_keys_m):
     j = jax.lax.axis_index(DATA_AXIS)
     rows = images_l.shape[0] // virtual
 
     def member(args):
-      step, data_key, aug_key = args
-      epoch, pos = step // plan.steps_per_epoch, step % plan.steps_per_epoch
+      step, perm, aug_key = args
+      pos = step % plan.steps_per_epoch
       xs, ys = [], []
       for i in range(virtual):
         d = j * virtual + i  # The 1-member run's device index.
-        perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(data_key, epoch), d), rows)
-        idx = jax.lax.dynamic_slice_in_dim(perm, pos * local_batch, local_batch) + i * rows
+        idx = jax.lax.dynamic_slice_in_dim(perm[0, i], pos * local_batch, local_batch) + i * rows
         key = jax.random.fold_in(jax.random.fold_in(aug_key, step), d)
         xs.append(data.augment_batch(key, images_l[idx], spec, train=True))
         ys.append(labels_l[idx])
       return jnp.concatenate(xs), jnp.concatenate(ys)
 
-    return _map(strategy, member, (steps_m, data_keys_m, aug_keys_m))
+    return _map(strategy, member, (steps_m, perms_m, aug_keys_m))
 
   member_spec = P(MEMBER_AXIS)
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), member_spec, member_spec,
-                                                   member_spec),
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), member_spec,
+                                                   P(MEMBER_AXIS, DATA_AXIS), member_spec),
                        out_specs=(P(MEMBER_AXIS, DATA_AXIS), P(MEMBER_AXIS, DATA_AXIS)))
 
 
@@ -241,13 +266,24 @@ class MemberBatches:
 
   def __init__(self, exp: Experiment, mesh, arrays: tuple[np.ndarray, np.ndarray], plan: train_step.Plan,
                mp: MemberPlan, keys: dict[str, np.ndarray]):
-    self._mesh, self._mp = mesh, mp
+    self._mesh, self._mp, self._plan = mesh, mp, plan
     self._images, self._labels = put_train_split(mesh, arrays)
     self._batch_fn = make_member_batch_fn(mesh, exp.spec, plan, exp.config.batch_size, mp.strategy)
-    sharding = NamedSharding(mesh, P(MEMBER_AXIS))
+    self._perm_fn = make_member_permutation_fn(mesh, self._images.shape[0] // mesh.devices.size, mp.strategy)
+    self._sharding = sharding = NamedSharding(mesh, P(MEMBER_AXIS))
     self._keys = {k: jax.device_put(v, sharding) for k, v in keys.items() if k != "init"}
     self._ends = jax.device_put(np.asarray(mp.ends, np.int32), sharding)
     self._dtype = exp.compute_dtype
+    self._perms, self._perm_epochs = None, None
+
+  def permutations(self, steps: list[int]) -> jax.Array:
+    """Every member's shard orders for the epochs of its steps, computed again only when an epoch changes."""
+    epochs = tuple(s // self._plan.steps_per_epoch for s in steps)
+    if epochs != self._perm_epochs:
+      self._perms = None  # Free the old orders first.
+      self._perms = self._perm_fn(self._keys["data"], jax.device_put(np.asarray(epochs, np.int32), self._sharding))
+      self._perm_epochs = epochs
+    return self._perms
 
   def compile(self, make_step: Callable[[jax.Array], train_step.StepFn]):
     """The jitted update of every member: state_J -> (state_J, metrics_J).
@@ -271,14 +307,23 @@ class MemberBatches:
     update_groups = jax.shard_map(group, mesh=mesh, in_specs=(spec,) * 5, out_specs=(spec, spec),
                                   axis_names={MEMBER_AXIS})
 
-    def fused(state, images, labels, keys, ends):
-      x, y = batch_fn(images, labels, state["step"], keys["data"], keys["aug"])
+    def fused(state, images, labels, keys, ends, perms):
+      x, y = batch_fn(images, labels, state["step"], perms, keys["aug"])
       state, metrics = update_groups(state, x, y, keys["dropout"], ends)
       # The (J,) metrics replicated: every host reads them (the loop checks and logs them).
       return state, jax.lax.with_sharding_constraint(metrics, NamedSharding(mesh, P()))
 
     jitted = jax.jit(fused, donate_argnums=(0,))
-    return lambda state: jitted(state, self._images, self._labels, self._keys, self._ends)
+
+    def update(state, i: int | None = None):
+      """Loop step i (1-based; None: read every member's step from the state, one device sync)."""
+      if i is None:
+        steps = [int(s) for s in jax.device_get(replicate(state["step"], mesh))]
+      else:
+        steps = [mp.global_step(j, i - 1) for j in range(mp.size)]
+      return jitted(state, self._images, self._labels, self._keys, self._ends, self.permutations(steps))
+
+    return update
 
 
 def replicate(tree: PyTree, mesh) -> PyTree:

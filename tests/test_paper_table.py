@@ -79,7 +79,7 @@ def test_the_page_has_every_row_and_takes_projections(tmp_path):
   assert "| 20.0 h on v4-8 |" in page
 
 
-def test_cost_analysis_projects_each_row_from_its_own_step(monkeypatch):
+def test_cost_analysis_projects_each_row_from_its_own_step(monkeypatch, tmp_path):
   """benchmarks/cost_analysis.py --paper_table: hours = the row's training images / the roofline bound of its step."""
   spec_ = importlib.util.spec_from_file_location("cost_analysis", os.path.join(ROOT, "benchmarks", "cost_analysis.py"))
   ca = importlib.util.module_from_spec(spec_)
@@ -91,9 +91,12 @@ def test_cost_analysis_projects_each_row_from_its_own_step(monkeypatch):
     return {"flops": 1e12 * c.batch_size / 64, "bytes": 1e9 * c.batch_size / 64, "compile_s": 0.0}
 
   monkeypatch.setattr(ca, "config_step_cost", fake_cost)
-  out = ca.paper_projections()
+  cache = str(tmp_path / "costs.json.steps")
+  out = ca.paper_projections(cache=cache)
   assert set(out) == {r["config"] for r in ROWS}
   assert len(calls) == len(set(calls))  # One compile per distinct step.
+  compiled = len(calls)
+  assert ca.paper_projections(cache=cache) == out and len(calls) == compiled  # A rerun compiles nothing.
   assert ("resnet110", 0.0, (32, 32, 3), 64, "float32") in calls and ("resnet50", 0.0, (224, 224, 3), 256,
                                                                        "bfloat16") in calls
   # paper.md's budgets: CIFAR ResNet-110 200 epochs of 50,000 images at batch 64; ImageNet 90 epochs at batch 256.
