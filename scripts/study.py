@@ -96,7 +96,12 @@ ends, with the learning rate annealed to 0, in a minimum with a real generalisat
 improve is what the section "Did each cycle converge?" reports from the study's own snapshots. Projection for a
 quiet machine: 599,040 training images per run at 1,850 img/s is 5.4 min, plus about 1 min of start-up, compilation,
 snapshot scoring and evaluation, so about 6.5 min per run and 2 hours for the 18 runs, the weight averages and the
-true ensemble; at the pilot's shared-machine rate it would take 5-14x longer.
+true ensemble; at the pilot's shared-machine rate it would take 5-14x longer. In the study itself, one run alone
+trained at about 1,100 img/s on the quiet machine (1,850 was the quickstart's rate on a faster machine of the same
+kind; such machines differ up to eightfold) and kept only about 1.3 of its 2 cores busy, so the study ran two runs at
+a time (`--jobs 2`: about 870 img/s each, 1,730 together). Runs that share the machine take longer each, so the
+per-arm minutes below are those of a machine shared by two runs (and, for some, by other work: see the load
+averages in the JSON).
 """
 
 
@@ -951,7 +956,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.error(f"--arms: unknown {unknown}; allowed: {', '.join(arms_all)}")
   if args.results_dir is None:
     args.results_dir = os.path.join(args.out, "results") if args.tiny else os.path.join(ROOT, "docs", "results")
-  args.command = shlex.join(["python", "scripts/study.py", *argv])
+  # The page shows the command that runs the study: --page_only only rewrites the page from it.
+  args.command = shlex.join(["python", "scripts/study.py", *[a for a in argv if a != "--page_only"]])
   return args
 
 
