@@ -274,7 +274,8 @@ def _train(config, workdir, **hooks):
 def test_training_with_smoothout_saves_clean_weights_and_resumes_bitwise(tiny_data, tmp_path):
   # Two epochs of 16 steps, 2 cycles: snapshots at 16 and 32, train states every 10 steps and at the snapshots.
   config = tiny_config(tiny_data, num_epochs=2.0, smoothout_a=0.02, smoothout_noise="filter", smoothout_chunks=2,
-                       smoothout_schedule="tanh", eval_snapshots=False)
+                       smoothout_schedule="tanh", eval_snapshots=False,
+                       steps_per_dispatch=1)  # Stops exactly at step 13 (a dispatch of 16 would end at 16).
   full, saved, _, keys = _train(config, str(tmp_path / "full"))
   assert full["step"] == 32 and "smoothout_a" in keys
   assert sorted(saved) == [10, 16, 20, 30, 32]
