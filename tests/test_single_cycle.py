@@ -108,6 +108,8 @@ def test_each_model_starts_from_its_own_fresh_init_with_zero_momentum(run, tiny_
 def test_interrupted_run_resumes_to_identical_snapshots(run, tiny_data, tmp_path, stop_at):
   workdir = str(tmp_path / "run")
   config = _config(tiny_data, eval_snapshots=False)  # eval_snapshots may change on resume: training is the same.
+  # One update per dispatch, so the run stops exactly at stop_at; the reference run dispatches the default 16.
+  config.steps_per_dispatch = 1
   restored = []
   first = training.train_and_evaluate(config, workdir, hooks=training.Hooks(stop_at=lambda step: step == stop_at))
   assert first.preempted and first.step == stop_at
