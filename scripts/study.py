@@ -715,24 +715,32 @@ def run_study(args: argparse.Namespace, steps: list[dict[str, Any]]) -> int:
         f"ETA of the rest {_eta(durations, remaining)}")
     t0 = time.monotonic()
     outcome = runner.run(step)
-    seconds = time.monotonic() - t0
-    if outcome == "ok":
-      state.finished(step["key"], seconds, step["argv"])
-      durations[step["kind"]].append(seconds)
-      log(f"done {step['key']} in {_duration(seconds)}")
-    elif outcome == "preempted" or runner.stop_requested:
-      state.save()
-      log(f"stopped during {step['key']}: its state is saved; re-run the same command to resume")
+    result = _record(step, time.monotonic() - t0, outcome, runner, state, durations, failed)
+    if result == "stopped":
       return 3
-    else:
-      failed.append(step["key"])
-      state.save()
-      log(f"FAILED {step['key']}: {outcome}")
+    if result == "failed":
       code = 1
   state.save()
   if failed:
     log(f"{len(failed)} step(s) not done: {', '.join(failed)}")
   return code or (1 if failed else 0)
+
+
+def _record(step: dict[str, Any], seconds: float, outcome: str, runner: _Runner, state: _State,
+            durations: dict[str, list[float]], failed: list[str]) -> str:
+  """Logs and records a finished step: 'done', 'stopped' (preempted or asked to stop) or 'failed'."""
+  if outcome == "ok":
+    state.finished(step["key"], seconds, step["argv"])
+    durations[step["kind"]].append(seconds)
+    log(f"done {step['key']} in {_duration(seconds)}")
+    return "done"
+  state.save()
+  if outcome == "preempted" or runner.stop_requested:
+    log(f"stopped during {step['key']}: its state is saved; re-run the same command to resume")
+    return "stopped"
+  failed.append(step["key"])
+  log(f"FAILED {step['key']}: {outcome}")
+  return "failed"
 
 
 def _run_parallel(jobs: int, steps: list[dict[str, Any]], state: _State, runner: _Runner,
@@ -761,18 +769,8 @@ def _run_parallel(jobs: int, steps: list[dict[str, Any]], state: _State, runner:
     time.sleep(1.0)
     for child in [c for c in running if c.poll() is not None]:
       step, t0 = running.pop(child)
-      seconds, outcome = time.monotonic() - t0, runner.outcome(step, child)
-      if outcome == "ok":
-        state.finished(step["key"], seconds, step["argv"])
-        durations[step["kind"]].append(seconds)
-        log(f"done {step['key']} in {_duration(seconds)}")
-      elif outcome == "preempted" or runner.stop_requested:
-        state.save()
-        log(f"stopped during {step['key']}: its state is saved; re-run the same command to resume")
-      else:
-        failed.append(step["key"])
-        state.save()
-        log(f"FAILED {step['key']}: {outcome}")
+      outcome = runner.outcome(step, child)
+      _record(step, time.monotonic() - t0, outcome, runner, state, durations, failed)
   state.save()
   if runner.stop_requested:
     return 3
