@@ -837,9 +837,9 @@ def collect_results(args: argparse.Namespace, steps: list[dict[str, Any]], arms:
             continue
           wa = rep["weight_average"][-1]  # All M snapshots' weights averaged.
           entry["runs"][str(seed)] = {"error": wa["error"], "nll": wa["nll"], "ece": wa["ece"], "last_error": None,
-                                      "m": wa["m"], "workdir": step["workdirs"][0]}
+                                      "m": wa["m"], "workdir": _shown(step["workdirs"][0])}
         else:
-          entry["runs"][str(seed)] = {**_metrics(rep), "workdir": step["workdirs"][0]}
+          entry["runs"][str(seed)] = {**_metrics(rep), "workdir": _shown(step["workdirs"][0])}
     results["arms"][arm] = entry
   results["num_test_examples"] = num_test
   results["budget"] = _budget(steps, args.seeds[0])
@@ -897,7 +897,7 @@ def _figure_run(evals: dict[str, dict[str, Any]], seeds: list[int]) -> dict[str,
     corr, dis = np.array(rep["diversity"]["correlation"], dtype=float), np.array(rep["diversity"]["disagreement"],
                                                                                  dtype=float)
     off = ~np.eye(len(corr), dtype=bool)
-    return {"workdir": step["workdirs"][0], "seed": seed, "last_m": rep["ensembles"],
+    return {"workdir": _shown(step["workdirs"][0]), "seed": seed, "last_m": rep["ensembles"],
             "first_m": rep.get("ensembles_first_m", []),
             "mean_correlation": float(np.nanmean(corr[off])) if off.any() else math.nan,
             "mean_disagreement": float(np.nanmean(dis[off])) if off.any() else math.nan,
