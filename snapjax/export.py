@@ -77,7 +77,7 @@ def export_ensemble(apply_fn: ensemble.ApplyFn, stacked: PyTree, example_input: 
     >>> np.asarray(exported.call(np.array([[1, 0], [0, 2]], np.uint8)), np.float64).round(3).tolist()
     [[0.917, 0.083], [0.01, 0.99]]
   """
-  num = ensemble._num_members(stacked)  # pylint: disable=protected-access
+  num = ensemble.num_members(stacked)
   if last_m is None:
     last_m = num
   if isinstance(last_m, bool) or not isinstance(last_m, numbers.Integral) or not 1 <= last_m <= num:
