@@ -16,7 +16,6 @@ The page: `write_results` (from a results dict, `collect_results`) writes docs/r
 """
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -435,10 +434,8 @@ def write_results(results: dict[str, Any], results_dir: str, name: str = RESULTS
 
 
 def _load_config_module():
-  spec = importlib.util.spec_from_file_location("study_fashion_mnist", os.path.join(ROOT, CONFIG_FILE))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from configs import study_fashion_mnist
+  return study_fashion_mnist
 
 
 def budget_overrides(arm: str, tiny_dir: str | None) -> dict[str, Any]:

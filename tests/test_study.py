@@ -1,23 +1,12 @@
 """scripts/study.py (issue 9): the pipeline on tiny data, resuming and skipping, the statistics, the wording."""
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
+from scripts import study
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-study = _load("study")
 SECTIONS = ("## Agreement with the paper", "## Results", "## Paired differences",
             "## Ensemble size and diversity of one Snapshot Ensemble run", "## Did each cycle converge?", "## Budget",
             "## Wall time and command")

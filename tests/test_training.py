@@ -150,8 +150,7 @@ def test_mock_tfds_cifar10_end_to_end(tmp_path):
 
 
 def test_paper_configs_match_the_paper_budgets():
-  import importlib.util
-  root = os.path.join(os.path.dirname(__file__), "..", "configs")
+  import configs
   # (B epochs, M cycles, batch) from the paper's budget table.
   expected = {"cifar10_resnet110": (200, 5, 64), "cifar100_resnet110": (200, 5, 64),
               "cifar10_wrn32_4": (200, 5, 64), "cifar100_wrn32_4": (200, 5, 64),
@@ -160,13 +159,10 @@ def test_paper_configs_match_the_paper_budgets():
               "svhn_resnet110": (40, 5, 64), "svhn_wrn32_4": (40, 5, 64), "svhn_densenet40": (40, 5, 64),
               "tinyimagenet_resnet110": (150, 6, 128), "tinyimagenet_wrn32_4": (150, 6, 128),
               "tinyimagenet_densenet40": (150, 6, 64), "imagenet_resnet50": (90, 2, 256)}
-  found = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
+  found = set(configs.names())
   assert set(expected) | {"quickstart", "fashion_mnist", "study_fashion_mnist"} == found
   for name in sorted(found):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = configs.load(name).get_config()
     config_lib.validate(c, 4)
     assert c.model in models.names()
     if name in expected:
