@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from snapjax import checkpoints, config as config_lib, evaluation, experiment, models, schedules, training
+from snapjax import report as report_lib
 from snapjax.errors import CheckpointError, ConfigError
 
 from helpers import MEAN, NUM_TEST, STD, snapshot_arrays, tiny_config
@@ -33,6 +34,8 @@ def test_snapshots_at_exactly_the_schedule_steps(full_run):
   ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
   assert ckpt.snapshot_steps() == [32, 64]
   ckpt.close()
+  assert checkpoints.saved_snapshot_steps(workdir) == [32, 64]
+  assert checkpoints.saved_snapshot_steps(os.path.join(workdir, "missing")) == []
   assert result["step"] == 64 and not result["preempted"]
   assert [s["step"] for s in result["snapshot_scores"]] == [32, 64]
   assert all(s["count"] == NUM_TEST for s in result["snapshot_scores"])
@@ -53,6 +56,8 @@ def test_eval_report_equals_naive_recomputation(full_run, tiny_data, tmp_path):
     assert os.path.getsize(tmp_path / name) > 0
   on_disk = json.load(open(tmp_path / "report.json"))
   assert on_disk["snapshots"] == report["snapshots"]
+  assert report_lib.read_report(str(tmp_path)) == on_disk and report_lib.read_report(str(tmp_path / "none")) is None
+  assert report_lib.figure_path(str(tmp_path), "error_vs_m") == str(tmp_path / "error_vs_m.png")
 
   # Naive reference: each snapshot applied on its own, NumPy softmax and metrics, last-m means.
   from snapjax import data
