@@ -21,15 +21,13 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # This checkout's snapjax.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # This checkout's snapjax and configs.
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from snapjax import checkpoints, config as config_lib, experiment, methods, train_step, training  # noqa: E402
 from snapjax.train import loop, one_member, preemption, setup  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _parse() -> argparse.Namespace:
@@ -52,11 +50,8 @@ def _load() -> str:
 
 
 def _quickstart_config(args):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("quickstart", os.path.join(ROOT, "configs", "quickstart.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from configs import quickstart
+  return quickstart.get_config()
 
 
 def _short_run(args, with_snapshots: bool) -> tuple[float, int, int, list[float]]:

@@ -128,6 +128,16 @@ def _host_or_self(leaf: Any) -> Any:
   return leaf if value is None else value
 
 
+def saved_snapshot_steps(workdir: str) -> list[int]:
+  """The steps of a workdir's committed snapshots, ascending ([] if it has none), read from the directory listing
+  without opening orbax: cheap enough to poll. A save still in flight or cut by a kill (a <step>.orbax-checkpoint-tmp
+  directory) is not one of them."""
+  snap_dir = run_path(workdir) / SNAPSHOT_DIR
+  if not snap_dir.is_dir():
+    return []
+  return sorted(int(p.name) for p in snap_dir.iterdir() if p.name.isdigit())
+
+
 def array_checksums(tree: Any) -> dict[str, str]:
   """CRC32 of every array's bytes, keyed by its path (orbax/TensorStore do not checksum array data)."""
   out = {}
