@@ -258,3 +258,25 @@ def test_eval_headline_last_m_is_that_ensemble(full_run, tmp_path):
   for k in ("error", "nll"):  # The last-1 ensemble is the final snapshot alone.
     np.testing.assert_allclose(report["ensemble"][k], report["snapshots"][-1][k], rtol=1e-6)
     np.testing.assert_allclose(report["ensemble"][k], report["ensembles"][0][k], rtol=1e-6)
+
+
+def test_snapshot_crcs_script_matches_the_checksums_saved_with_each_snapshot(full_run, tmp_path, capsys):
+  """scripts/snapshot_crcs.py (the before/after check of a change) reads back what the loop saved: its CRC32s equal
+  the checksums recorded at save time from the device arrays, and --against names an array that differs."""
+  from scripts import snapshot_crcs
+  workdir, result = full_run
+  crcs = snapshot_crcs.snapshot_crcs(workdir)
+  ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
+  try:
+    exp = experiment.build(evaluation.load_run_config(workdir))
+    saved = {s: ckpt.restore_snapshot(s, exp.abstract_variables())[1]["checksums"] for s in result.snapshot_steps}
+  finally:
+    ckpt.close()
+  assert crcs == {f"{s}/member0/{k}": v for s, sums in saved.items() for k, v in sums.items()}
+  before = tmp_path / "before.json"
+  assert snapshot_crcs.main([workdir, "--out", str(before)]) == 0
+  assert snapshot_crcs.main([workdir, "--against", str(before)]) == 0
+  changed = dict(crcs, **{next(iter(sorted(crcs))): "00000000"})
+  before.write_text(json.dumps(changed))
+  assert snapshot_crcs.main([workdir, "--against", str(before)]) == 1
+  assert "1 of " in capsys.readouterr().out
