@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # This checkout's snapjax.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # This checkout's snapjax and scripts.
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -100,14 +100,9 @@ def paper_projections(cache: str | None = None) -> dict[str, str]:
   the most optimistic of the bounds). `cache`: a JSON file of the step costs compiled so far, read and extended,
   so that an interrupted run goes on where it stopped.
   """
-  import importlib.util
   import json
+  from scripts import paper_table
   from snapjax import data
-  spec_ = importlib.util.spec_from_file_location(
-      "paper_table", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                                  "paper_table.py"))
-  paper_table = importlib.util.module_from_spec(spec_)
-  spec_.loader.exec_module(paper_table)
   costs, out = {}, {}
   if cache and os.path.exists(cache):
     with open(cache) as f:

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # This checkout's snapjax.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # This checkout's snapjax and configs.
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -32,8 +32,6 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from snapjax import config as config_lib, data, experiment, models, train_step, training  # noqa: E402
-
-QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
 
 
 def _parse() -> argparse.Namespace:
@@ -276,11 +274,8 @@ def run_loop(args) -> None:
 
 
 def run_quickstart(args) -> None:
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from configs import quickstart
+  c = quickstart.get_config()
   c.fashion_mnist_dir = args.fashion_mnist_dir
   exp = experiment.build(c)
   arrays = exp.load_split(c.train_split)

@@ -1,14 +1,15 @@
 """Training images/s of K ensemble members side by side (snapjax/members.py) vs K one-member runs one after another.
 
   python benchmarks/members.py [--devices 4] [--members 1,2,4,8] [--strategies loop,map,vmap] [--batch 128] \
-      [--steps 3] [--repeats 3] [--model resnet20] [--groups 1,4]
+      [--steps 3] [--repeats 3] [--model resnet20] [--groups 1,4] [--dispatch 1,16]
 
 Every row trains K ResNet-20s (batch 128 each, random CIFAR-10-shaped data held on the devices, the real
 update: augmentation, SGD with momentum and weight decay) for --steps updates per timed repeat and reports the
 median. "sequential" is the 1-member program (train_step.InMemoryBatches, exactly what a K = 1 run compiles) run
 K times over: its total images/s is the K = 1 row's whatever K is. Each placement is a member_groups G (size of
 the "member" mesh axis, divisors of gcd(K, D)) and a strategy within a group ("loop": unrolled, the default;
-"map": lax.map; "vmap").
+"map": lax.map; "vmap"). --dispatch N adds, for each member row, the same update with up to N loop steps per
+compiled call (config.steps_per_dispatch; one row per N, timed over a multiple of N updates).
 On CPU the --devices fake devices share the machine's cores, so the table mostly shows the overhead of the
 member axis, not the speed-up a K-device GPU host would give.
 """
@@ -29,6 +30,7 @@ def _parse() -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=3, help="updates per timed repeat")
   p.add_argument("--repeats", type=int, default=3, help="timed repeats per row (after a compile warm-up)")
   p.add_argument("--model", default="resnet20")
+  p.add_argument("--dispatch", default="1", help="comma-separated steps_per_dispatch of the member rows (1, 16, ...)")
   args = p.parse_args()
   for name in ("devices", "batch", "steps", "repeats"):
     if getattr(args, name) < 1:
@@ -51,24 +53,30 @@ def main() -> None:
   config = config_lib.base_config()
   config.model, config.dataset, config.batch_size, config.init_lr = args.model, "cifar10", args.batch, 0.1
   rng = np.random.default_rng(0)
-  n = args.batch * 16
+  dispatches = [int(v) for v in args.dispatch.split(",") if v]
+  n = args.batch * max(16, *dispatches)  # One epoch holds a whole dispatch of the longest kind.
   arrays = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32))
   plan = train_step.Plan(steps_per_epoch=n // args.batch, total_steps=10 ** 6, snapshot_steps=(10 ** 6,))
   schedule = train_step.make_schedule(config, plan.total_steps)
   tx = train_step.make_optimizer(config, schedule)
 
-  def timed(update, state):
+  def timed(update, state, per_call=1):
+    """Seconds per update: update(state, done, n) runs n = per_call updates after `done` (a warm-up call first)."""
+    calls = max(1, -(-args.steps // per_call))
+    done = 0
     t0 = time.perf_counter()
-    state, metrics = update(state)
+    state, metrics = update(state, done, per_call)
+    done += per_call
     jax.block_until_ready(metrics)
     warm = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
       t0 = time.perf_counter()
-      for _ in range(args.steps):
-        state, metrics = update(state)
+      for _ in range(calls):
+        state, metrics = update(state, done, per_call)
+        done += per_call
       jax.block_until_ready(metrics)
-      times.append((time.perf_counter() - t0) / args.steps)
+      times.append((time.perf_counter() - t0) / (calls * per_call))
     return statistics.median(times), min(times), max(times), warm
 
   rows = []
@@ -94,15 +102,16 @@ def main() -> None:
         mp = members.make_member_plan(config, plan, num_devices)
         mesh = members.member_mesh(g)
         keys = members.member_keys(mp)
-        mstate = members.make_init(exp, tx, mp, mesh)(keys["init"])
         make_step = lambda dk: train_step.make_train_step(exp.model, tx, schedule, dk, num_shards=num_devices)
-        update = members.MemberBatches(exp, mesh, arrays, plan, mp, keys).compile(make_step)
-        med, lo, hi, warm = timed(update, mstate)
-        rate = k * args.batch / med
-        rows.append((k, f"members: G={g} x {num_devices // g} data, {strategy}", med, rate, rate / rate1,
-                     f"{lo:.3f}-{hi:.3f}", warm))
-        print(f"K={k} G={g} {strategy}: {med:.3f} s/step, {rate:.0f} img/s", flush=True)
-        del mstate, update
+        for per_call in dispatches:
+          update = members.MemberBatches(exp, mesh, arrays, plan, mp, keys, per_call).compile(make_step)
+          mstate = members.make_init(exp, tx, mp, mesh)(keys["init"])
+          med, lo, hi, warm = timed(update, mstate, per_call)
+          rate = k * args.batch / med
+          rows.append((k, f"members: G={g} x {num_devices // g} data, {strategy}, {per_call}/dispatch", med, rate,
+                       rate / rate1, f"{lo:.3f}-{hi:.3f}", warm))
+          print(f"K={k} G={g} {strategy} {per_call}/dispatch: {med:.3f} s/step, {rate:.0f} img/s", flush=True)
+          del mstate, update
   print(f"\n{args.model}, batch {args.batch} per member, {num_devices} {jax.devices()[0].platform} device(s), "
         f"jax {jax.__version__}; median of {args.repeats} x {args.steps} updates\n")
   print("| K | placement | s / step (all members) | total images/s | vs K one-member runs | min-max s | warm-up s |")

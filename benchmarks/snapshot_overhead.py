@@ -3,12 +3,12 @@
   python benchmarks/snapshot_overhead.py [--part quickstart,paper] [--repeats 5] [--model resnet110]
 
 quickstart (measured): a short run of configs/quickstart.py with 4 cycles of 39 steps (2 epochs), with its snapshots
-  and with snapshot-taking switched off (snapjax.training._take_snapshot replaced by a no-op; the train-state saves
+  and with snapshot-taking switched off (the one-member trainee's take_snapshots replaced by a no-op; the train-state saves
   at the same steps stay), round-robin. Wall time from the end of the first step to the end of the run (every save
   committed); per-snapshot cost = the difference / 4; per-step cost = the run without snapshots / its steps. The
   quickstart's share = 5 snapshots over its 2,340 steps, from those two costs.
 paper (projected): the per-step cost of the paper model (--model, CIFAR-shaped 32x32x3 data, batch 64) and the cost
-  of one snapshot as the loop takes it (snapjax.training._take_snapshot on --test_examples synthetic test images,
+  of one snapshot as the loop takes it (snapjax.train.one_member.OneMember.take_snapshots on --test_examples synthetic test images,
   then waiting for the save), then the share of 5 snapshots in 200 epochs of 781 steps (the paper's CIFAR budget).
 
 All data are synthetic except the quickstart's (Fashion-MNIST's IDX files): costs do not depend on pixel values.
@@ -21,14 +21,13 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # This checkout's snapjax.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # This checkout's snapjax and configs.
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from snapjax import checkpoints, config as config_lib, experiment, train_step, training  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from snapjax import checkpoints, config as config_lib, experiment, methods, train_step, training  # noqa: E402
+from snapjax.train import loop, one_member, preemption, setup  # noqa: E402
 
 
 def _parse() -> argparse.Namespace:
@@ -51,16 +50,13 @@ def _load() -> str:
 
 
 def _quickstart_config(args):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("quickstart", os.path.join(ROOT, "configs", "quickstart.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from configs import quickstart
+  return quickstart.get_config()
 
 
 def _short_run(args, with_snapshots: bool) -> tuple[float, int, int, list[float]]:
   """Of the short quickstart run: seconds from the end of step 1 to the end of the run, steps timed, snapshots, and
-  the seconds spent in each snapshot (training._take_snapshot: scoring, CRC32, the save's start)."""
+  the seconds spent in each snapshot (OneMember.take_snapshots: scoring, CRC32, the save's start)."""
   c = _quickstart_config(args)
   c.num_epochs, c.num_cycles = 2.0, 4  # 156 steps, a snapshot every 39.
   if args.fashion_mnist_dir:
@@ -71,23 +67,27 @@ def _short_run(args, with_snapshots: bool) -> tuple[float, int, int, list[float]
     t.setdefault(step, time.perf_counter())
     return False
 
-  take = training._take_snapshot  # pylint: disable=protected-access
   spent = []
 
-  def timed(run, state, step):
-    t0 = time.perf_counter()
-    score = take(run, state, step)
-    spent.append(time.perf_counter() - t0)
-    return score
+  class Timed(one_member.OneMember):  # The loop's own one-member trainee, its snapshots timed or left out.
+    def take_snapshots(self, state, step):
+      if not with_snapshots:
+        return []
+      t0 = time.perf_counter()
+      scores = super().take_snapshots(state, step)
+      spent.append(time.perf_counter() - t0)
+      return scores
 
-  training._take_snapshot = timed if with_snapshots else lambda run, state, step: None  # pylint: disable=protected-access
-  try:
-    with tempfile.TemporaryDirectory() as workdir:
-      c.log_every_steps = 1  # The loop waits for step 1 before the clock starts.
-      result = training.train_and_evaluate(c, workdir, hooks=training.Hooks(stop_at=clock))
-      end = time.perf_counter()  # train_and_evaluate waited for every save to commit.
-  finally:
-    training._take_snapshot = take  # pylint: disable=protected-access
+  with tempfile.TemporaryDirectory() as workdir:
+    c.log_every_steps = 1  # The loop waits for step 1 before the clock starts.
+    hooks = training.Hooks(stop_at=clock)
+    with preemption.Preemption(hooks) as stop:  # What training.train_and_evaluate does, with the Timed trainee.
+      run = setup.set_up(c, workdir, fresh=False)
+      try:
+        result = loop.train(run, Timed(run, hooks), stop, hooks)
+      finally:
+        run.close()
+    end = time.perf_counter()  # run.close() waited for every save to commit.
   return end - t[1], result.step - 1, len(result.snapshot_steps), spent
 
 
@@ -132,7 +132,7 @@ def run_quickstart(args) -> None:
 def run_paper(args) -> None:
   from absl import logging
   logging.set_verbosity(logging.WARNING)
-  c = config_lib.paper_config(args.model, "cifar10")
+  c = methods.paper_config(args.model, "cifar10")
   c.eval_batch_size = 500
   exp = experiment.build(c)
   num_train, steps_per_epoch = 50_000, 50_000 // c.batch_size
@@ -168,13 +168,15 @@ def run_paper(args) -> None:
   with tempfile.TemporaryDirectory() as workdir:
     # The loop's own pieces: snapshots at steps 1..repeats + 1 of a plan that has them.
     snapshot_plan = train_step.Plan(plan.steps_per_epoch, plan.total_steps, tuple(range(1, args.repeats + 2)))
-    run = training._Run(c, workdir, exp, snapshot_plan, tx, schedule, None, test)  # pylint: disable=protected-access
+    run = setup.Run(c, setup.Settings.from_config(c, exp.spec.train_split), workdir, exp, snapshot_plan, tx,
+                    schedule, None, test)
     run.ckpt = checkpoints.RunCheckpoints(workdir)
-    run.writer = training._make_writer(workdir)  # pylint: disable=protected-access
+    run.writer = setup.make_writer(workdir)
+    trainee = one_member.OneMember(run, training.Hooks())
     try:
       for step in snapshot_plan.snapshot_steps:  # The first one compiles the evaluator: not timed.
         t0 = time.perf_counter()
-        training._take_snapshot(run, state, step)  # pylint: disable=protected-access
+        trainee.take_snapshots(state, step)
         run.ckpt.wait()
         if step > 1:
           snap_times.append(time.perf_counter() - t0)

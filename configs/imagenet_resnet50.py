@@ -2,9 +2,9 @@
 
 `--config configs/imagenet_resnet50.py:METHOD` trains a baseline on the same budget, METHOD one of snapshot
 (default), snapshot_lr0.1 (the same here: alpha0 is already 0.1), single (the paper's single model), nocycle,
-single_cycle (snapjax.config.apply_method).
+single_cycle (snapjax.methods.apply_method).
 """
-from snapjax import config as base
+from snapjax import config as base, methods
 
 
 def get_config(method=None):
@@ -19,4 +19,4 @@ def get_config(method=None):
   c.dtype = "bfloat16"  # bf16 compute on TPU/GPU; parameters stay float32.
   c.log_every_steps = 500
   c.checkpoint_every_steps = 2000
-  return base.apply_method(c, method)
+  return methods.apply_method(c, method)

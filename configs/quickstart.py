@@ -4,8 +4,8 @@ A 10,000-image training subset without augmentation: each 6-epoch cycle converge
 overfit), which is the regime where the paper's ensemble pays off; on this budget, full-data runs keep
 improving from cycle to cycle and their last snapshot beats the ensemble (see README).
 """
-from snapjax import config as base
+from snapjax import methods
 
 
 def get_config():
-  return base.quickstart_config()  # Every field, with its comment, in snapjax/config.py.
+  return methods.quickstart_config()  # Every field, with its comment, in snapjax/config.py.

@@ -1,7 +1,7 @@
 """Issue 9's study: Table 1's comparison at CPU scale on real Fashion-MNIST, one budget B for every arm.
 
 `--config configs/study_fashion_mnist.py:ARM`, ARM one of ARMS: the paper's methods (snapshot, snapshot_lr0.1,
-single, nocycle, single_cycle; snapjax.config.apply_method) and snapshot_smoothout, the Snapshot Ensemble trained
+single, nocycle, single_cycle; snapjax.methods.apply_method) and snapshot_smoothout, the Snapshot Ensemble trained
 with AdaSmoothOut. `python scripts/study.py` trains every arm for 3 seeds and writes docs/results/fashion_mnist.md.
 
 The budget, for every arm: ResNet-8, the first 20,000 training images without augmentation, 30 epochs (4,680
@@ -11,7 +11,7 @@ updates per cycle at the same 6 epochs per cycle: 600,000 training images per ru
 3.5 min, which fits 6 arms x 3 seeds (18 runs) and their evaluations in about 2 hours on this project's 2-core CPU.
 docs/results/fashion_mnist.md says how it was chosen and what a pilot run measured.
 """
-from snapjax import config as base
+from snapjax import config as base, methods
 
 # Every arm of the study that trains; the eval-side arms (weight-averaged snapshots, true ensemble) are in
 # scripts/study.py.
@@ -42,4 +42,4 @@ def get_config(arm=None):
     for k, v in SMOOTHOUT.items():
       c[k] = v
     return c
-  return base.apply_method(c, arm)
+  return methods.apply_method(c, arm)

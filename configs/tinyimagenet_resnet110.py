@@ -1,12 +1,12 @@
 """Paper Table 1: resnet110 on tiny_imagenet, B=150 epochs, M=6 cycles, batch 128, alpha0=0.2.
 
 `--config configs/tinyimagenet_resnet110.py:METHOD` trains another Table 1 column on the same budget, METHOD one of
-snapshot (default), snapshot_lr0.1, single, nocycle, single_cycle (snapjax.config.apply_method).
+snapshot (default), snapshot_lr0.1, single, nocycle, single_cycle (snapjax.methods.apply_method).
 """
-from snapjax import config as base
+from snapjax import methods
 
 
 def get_config(method=None):
-  c = base.paper_config("resnet110", "tiny_imagenet")
+  c = methods.paper_config("resnet110", "tiny_imagenet")
   c.tiny_imagenet_dir = "/data/tiny-imagenet-200"  # Extracted tiny-imagenet-200/ folder: set yours.
-  return base.apply_method(c, method)
+  return methods.apply_method(c, method)

@@ -10,7 +10,6 @@ mapping a row's config string (the "config" column, e.g. "configs/cifar10_wrn32_
 time, either hours (a number) or a text such as "31 h on 1 V100"; rows it does not name stay empty.
 """
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -89,10 +88,8 @@ def config_string(row: dict[str, Any]) -> str:
 
 def load_config(row: dict[str, Any]):
   """The row's ConfigDict, as train.py --config FILE:METHOD --config.k=v builds it."""
-  spec = importlib.util.spec_from_file_location(os.path.basename(row["file"])[:-3], os.path.join(ROOT, row["file"]))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(row["method"])
+  import configs
+  c = configs.load(os.path.basename(row["file"])[:-3]).get_config(row["method"])
   for k, v in row["overrides"].items():
     c[k] = v
   return c

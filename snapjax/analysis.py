@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from snapjax.ensemble import _check_metric_args
+from snapjax.ensemble import check_metric_args
 
 
 def _host_sum(a, b, dtype):
@@ -129,7 +129,7 @@ def calibration_counts(probs_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Ar
     >>> round(float(fn(probs, jnp.array([0, 0, 1, 0]), num_bins=10).brier()), 4)
     0.63
   """
-  _check_metric_args(probs_BxC, labels_B, mask_B)
+  check_metric_args(probs_BxC, labels_B, mask_B)
   if isinstance(num_bins, bool) or not isinstance(num_bins, numbers.Integral) or num_bins < 1:
     raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
   num_bins = int(num_bins)

@@ -67,6 +67,14 @@ class RunCheckpoints:
     return sorted(self._snaps.all_steps())
 
   def save_snapshot(self, step: int, variables: Any, meta: dict[str, Any]) -> None:
+    """Save a snapshot's variables (replicated arrays) and metadata, adding the arrays' checksums.
+
+    The variables are saved as host (NumPy) arrays, the same values: orbax then records no sharding for them, so
+    plain orbax (`ocp.StandardCheckpointer().restore(".../variables")`, README) restores them on any device
+    count. A jax.Array is saved with its sharding's device mesh, and restoring one without a target fails with
+    "Topology mismatch" on fewer devices than it was saved on. restore_snapshot passes its target's sharding.
+    """
+    variables = jax.tree.map(_host_or_self, variables)
     meta = {**meta, "checksums": array_checksums(variables)}
     self._snaps.save(step, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)), force=True)
@@ -106,14 +114,37 @@ class RunCheckpoints:
       self._state.close()
 
 
+def _host_value(leaf: Any) -> np.ndarray | None:
+  """The whole value of an array on this host, or None for one sharded across hosts (no host holds it all)."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    if not leaf.is_fully_replicated:
+      return None
+    leaf = leaf.addressable_data(0)  # Every host holds a copy of a replicated array.
+  return np.asarray(leaf)
+
+
+def _host_or_self(leaf: Any) -> Any:
+  value = _host_value(leaf)
+  return leaf if value is None else value
+
+
+def saved_snapshot_steps(workdir: str) -> list[int]:
+  """The steps of a workdir's committed snapshots, ascending ([] if it has none), read from the directory listing
+  without opening orbax: cheap enough to poll. A save still in flight or cut by a kill (a <step>.orbax-checkpoint-tmp
+  directory) is not one of them."""
+  snap_dir = run_path(workdir) / SNAPSHOT_DIR
+  if not snap_dir.is_dir():
+    return []
+  return sorted(int(p.name) for p in snap_dir.iterdir() if p.name.isdigit())
+
+
 def array_checksums(tree: Any) -> dict[str, str]:
   """CRC32 of every array's bytes, keyed by its path (orbax/TensorStore do not checksum array data)."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-      if not leaf.is_fully_replicated:
-        continue  # Only replicated arrays have a copy on every host to check.
-      leaf = leaf.addressable_data(0)
-    array = np.ascontiguousarray(np.asarray(leaf))
+    array = _host_value(leaf)
+    if array is None:
+      continue  # Only arrays with a whole copy on every host can be checked.
+    array = np.ascontiguousarray(array)
     out[jax.tree_util.keystr(path)] = f"{zlib.crc32(array.view(np.uint8).reshape(-1)):08x}"
   return out

@@ -43,7 +43,23 @@ _AUTO_STRATEGY = {"cpu": "map", "gpu": "map", "cuda": "map", "rocm": "map", "tpu
 _NLL_EPS = 1e-12
 
 
-def _path_str(path) -> str:
+def leaf_name(path: tuple) -> str:
+  """The name error messages give a pytree leaf: its key path joined by "/" (``"<root>"`` for a bare leaf).
+
+  Args:
+    path: A key path, as `jax.tree_util.tree_flatten_with_path` pairs it with each leaf.
+
+  Returns:
+    The path's keys joined by ``"/"``, e.g. ``"params/conv/kernel"``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from snapjax.ensemble import leaf_name
+    >>> [leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path({"params": {"w": jnp.zeros(2)}})[0]]
+    ['params/w']
+    >>> leaf_name(())
+    '<root>'
+  """
   return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
 
 
@@ -75,10 +91,10 @@ def stack_snapshots(snapshots: Sequence[PyTree]) -> PyTree:
   leaves_0, treedef_0 = jax.tree_util.tree_flatten_with_path(snapshots[0])
   if not leaves_0:
     raise ValueError("snapshots[0] has no array leaves; expected e.g. {'params': ..., 'batch_stats': ...}")
-  paths_0 = [_path_str(p) for p, _ in leaves_0]
+  paths_0 = [leaf_name(p) for p, _ in leaves_0]
   for i, snap in enumerate(snapshots[1:], start=1):
     leaves_i, treedef_i = jax.tree_util.tree_flatten_with_path(snap)
-    paths_i = [_path_str(p) for p, _ in leaves_i]
+    paths_i = [leaf_name(p) for p, _ in leaves_i]
     if treedef_i != treedef_0:
       missing = [p for p in paths_0 if p not in set(paths_i)]
       extra = [p for p in paths_i if p not in set(paths_0)]
@@ -97,8 +113,25 @@ def stack_snapshots(snapshots: Sequence[PyTree]) -> PyTree:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *snapshots)
 
 
-def _num_members(stacked: PyTree) -> int:
-  """Returns M, the common leading-axis size of the stacked leaves."""
+def num_members(stacked: PyTree) -> int:
+  """The number of snapshots M in a stacked pytree: the leading-axis size its leaves share.
+
+  Args:
+    stacked: Snapshots stacked on a leading axis, e.g. from `stack_snapshots`.
+
+  Returns:
+    M, the size of every leaf's leading axis.
+
+  Raises:
+    ValueError: If ``stacked`` has no array leaves, a leaf is a scalar, or the leaves disagree on M (the
+      message names the first leaf of each size).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from snapjax.ensemble import num_members
+    >>> num_members({"w": jnp.zeros((3, 2, 2)), "b": jnp.zeros((3, 2))})
+    3
+  """
   leaves = jax.tree_util.tree_leaves_with_path(stacked)
   if not leaves:
     raise ValueError("stacked has no array leaves; build it with stack_snapshots(snapshots)")
@@ -106,8 +139,8 @@ def _num_members(stacked: PyTree) -> int:
   for path, leaf in leaves:
     shape = np.shape(leaf)
     if not shape:
-      raise ValueError(f"stacked leaf {_path_str(path)} is a scalar; build stacked with stack_snapshots")
-    sizes.setdefault(shape[0], _path_str(path))
+      raise ValueError(f"stacked leaf {leaf_name(path)} is a scalar; build stacked with stack_snapshots")
+    sizes.setdefault(shape[0], leaf_name(path))
   if len(sizes) > 1:
     raise ValueError(f"stacked leaves disagree on the number of snapshots M: {sizes} (size: first leaf)")
   return next(iter(sizes))
@@ -164,7 +197,7 @@ def _member_probs(apply_fn: ApplyFn, variables: PyTree, x: Any) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("apply_fn", "last_m", "strategy", "chunk_size", "return_members"))
 def _ensemble(apply_fn, stacked, x, *, last_m, strategy, chunk_size, return_members):
   """The compiled ensemble: slice to the last m snapshots, average their softmaxes."""
-  num = _num_members(stacked)
+  num = num_members(stacked)
   last = jax.tree.map(lambda a: a[num - last_m:], stacked)
   probs_fn = functools.partial(_member_probs, apply_fn, x=x)
   if strategy == "vmap":
@@ -199,10 +232,10 @@ def member_axis(stacked: PyTree) -> tuple[jax.sharding.Mesh, str] | None:
 @functools.partial(jax.jit, static_argnames=("apply_fn", "last_m", "strategy", "return_members", "mesh", "axis"))
 def _ensemble_sharded(apply_fn, stacked, x, *, last_m, strategy, return_members, mesh, axis):
   """The ensemble of snapshots sharded over `axis`: each device group runs its own, one psum makes the mean."""
-  num = _num_members(stacked)
+  num = num_members(stacked)
 
   def group(local, x):
-    n = _num_members(local)
+    n = num_members(local)
     index_N = jax.lax.axis_index(axis) * n + jnp.arange(n)
     weight_N = (index_N >= num - last_m).astype(jnp.float32)
     fn = lambda v: _member_probs(apply_fn, v, x)
@@ -278,7 +311,7 @@ def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int 
   except TypeError:
     raise ValueError(f"apply_fn must be hashable (it keys the compile cache), got {apply_fn!r}") from None
   strategy = resolve_strategy(strategy, x)
-  num = _num_members(stacked)
+  num = num_members(stacked)
   if last_m is None:
     last_m = num
   if isinstance(last_m, bool) or not isinstance(last_m, numbers.Integral) or not 1 <= last_m <= num:
@@ -337,7 +370,26 @@ class Counts(NamedTuple):
     return self.sum_nll / self.num_examples
 
 
-def _check_metric_args(probs_BxC, labels_B, mask_B) -> None:
+def check_metric_args(probs_BxC: Any, labels_B: Any, mask_B: Any | None = None) -> None:
+  """Checks the shapes a per-batch metric takes: probabilities ``(batch, classes)``, labels and mask ``(batch,)``.
+
+  Args:
+    probs_BxC: Class probabilities of shape ``(batch, classes)``.
+    labels_B: Labels of shape ``(batch,)``.
+    mask_B: ``None``, or shape ``(batch,)``.
+
+  Raises:
+    ValueError: Naming the argument whose shape does not fit.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from snapjax.ensemble import check_metric_args
+    >>> check_metric_args(jnp.zeros((3, 2)), jnp.zeros(3, int))
+    >>> check_metric_args(jnp.zeros((3, 2)), jnp.zeros(2, int))
+    Traceback (most recent call last):
+    ...
+    ValueError: labels_B must have shape (3,) to match probs_BxC, got (2,)
+  """
   if jnp.ndim(probs_BxC) != 2:
     raise ValueError(f"probs_BxC must have shape (batch, classes), got shape {jnp.shape(probs_BxC)}")
   batch = jnp.shape(probs_BxC)[0]
@@ -372,7 +424,7 @@ def counts(probs_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array | None =
     >>> int(c.num_errors), int(c.num_examples), round(float(c.sum_nll), 4)
     (1, 2, 1.7148)
   """
-  _check_metric_args(probs_BxC, labels_B, mask_B)
+  check_metric_args(probs_BxC, labels_B, mask_B)
   probs_BxC = jnp.asarray(probs_BxC).astype(jnp.float32)
   labels_B = jnp.asarray(labels_B).astype(jnp.int32)
   keep_B = jnp.ones(labels_B.shape, bool) if mask_B is None else jnp.asarray(mask_B) != 0

@@ -341,7 +341,7 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
                                       test_arrays=test_arrays, num_batches=num_bn,
                                       interpolation_points=interpolation_points, eval_batch_size=eval_batch_size))
   if jax.process_index() == 0:
-    report_lib.write_report(report, out_dir or os.path.join(workdirs[0], "eval"), plot=plot)
+    report_lib.write_report(report, out_dir or workdir_lib.eval_dir(workdirs[0]), plot=plot)
   if export_path is not None:
     report["export"] = export_run(export_path, exp, stacked, steps, last_m, test_arrays,
                                   eval_batch_size or config.eval_batch_size)

@@ -77,7 +77,7 @@ def export_ensemble(apply_fn: ensemble.ApplyFn, stacked: PyTree, example_input: 
     >>> np.asarray(exported.call(np.array([[1, 0], [0, 2]], np.uint8)), np.float64).round(3).tolist()
     [[0.917, 0.083], [0.01, 0.99]]
   """
-  num = ensemble._num_members(stacked)  # pylint: disable=protected-access
+  num = ensemble.num_members(stacked)
   if last_m is None:
     last_m = num
   if isinstance(last_m, bool) or not isinstance(last_m, numbers.Integral) or not 1 <= last_m <= num:
@@ -91,8 +91,9 @@ def export_ensemble(apply_fn: ensemble.ApplyFn, stacked: PyTree, example_input: 
 
   def serve(x):
     x = preprocess(x) if preprocess is not None else x
-    return ensemble._ensemble(apply_fn, last, x, last_m=last_m, strategy="map",  # pylint: disable=protected-access
-                              chunk_size=None, return_members=bool(return_members))
+    # Host arrays are on no mesh axis, so this is ensemble_predict's single-program path.
+    return ensemble.ensemble_predict(apply_fn, last, x, last_m=last_m, strategy="map",
+                                     return_members=bool(return_members))
 
   exported = jax.export.export(jax.jit(serve), platforms=platforms)(_input_spec(example_input))
   return bytes(exported.serialize())

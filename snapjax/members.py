@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from snapjax import config as config_lib, data, train_step
+from snapjax import config as config_lib, data, dispatch, train_step
 from snapjax.experiment import DATA_AXIS, Experiment
 
 PyTree = Any
@@ -81,6 +81,13 @@ class MemberPlan:
       if i <= e - o and step in self.snapshot_steps:
         out.setdefault(step, []).append(j)
     return out
+
+  def epoch_ends(self, steps_per_epoch: int) -> tuple[int, ...]:
+    """The loop steps after which some member's next update starts a new epoch (its order of the data changes)."""
+    ends = set()
+    for o, e in zip(self.offsets, self.ends):
+      ends.update(g - o for g in range((o // steps_per_epoch + 1) * steps_per_epoch, e, steps_per_epoch))
+    return tuple(sorted(ends))
 
   def snapshot_loop_steps(self) -> tuple[int, ...]:
     return tuple(i for i in range(1, self.loop_steps + 1) if self.snapshots_at(i))
@@ -131,10 +138,15 @@ def member_mesh(groups: int, devices: list[jax.Device] | None = None) -> jax.sha
                        axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
 
 
+def member_sharding(mesh) -> NamedSharding:
+  """Where a stacked member pytree lives: its leading (member) axis split over the mesh's member axis."""
+  return NamedSharding(mesh, P(MEMBER_AXIS))
+
+
 def member_keys(mp: MemberPlan) -> dict[str, np.ndarray]:
   """Each training member's (init, data, aug, dropout) keys as the 1-member run of its seed derives them.
 
-  SingleCycle model c > 0 starts from fold_in(init_key, c) (training._next_model_fn).
+  SingleCycle model c > 0 starts from fold_in(init_key, c) (as the sequential run's hand-over, snapjax/train/one_member.py).
   """
   keys = {"init": [], "data": [], "aug": [], "dropout": []}
   for seed, c in zip(mp.seeds, mp.models):
@@ -173,7 +185,7 @@ def make_init(exp: Experiment, tx, mp: MemberPlan, mesh) -> Callable[[np.ndarray
       return _set_counts(train_step.init_state(exp, tx, key), offset)
     return _map(mp.strategy, one, (keys, offsets))
 
-  return jax.jit(init, out_shardings=NamedSharding(mesh, P(MEMBER_AXIS)))
+  return jax.jit(init, out_shardings=member_sharding(mesh))
 
 
 def make_fresh(exp: Experiment, tx, mp: MemberPlan, mesh) -> Callable[[PyTree, np.ndarray], PyTree]:
@@ -185,7 +197,7 @@ def make_fresh(exp: Experiment, tx, mp: MemberPlan, mesh) -> Callable[[PyTree, n
       return _set_counts(train_step.init_state(exp, tx, key), old["step"])
     return _map(mp.strategy, one, (state, keys))
 
-  return jax.jit(fresh, out_shardings=NamedSharding(mesh, P(MEMBER_AXIS)), donate_argnums=(0,))
+  return jax.jit(fresh, out_shardings=member_sharding(mesh), donate_argnums=(0,))
 
 
 def make_member_permutation_fn(mesh, rows: int, strategy: str) -> Callable:
@@ -262,19 +274,27 @@ def put_train_split(mesh, arrays: tuple[np.ndarray, np.ndarray]) -> tuple[jax.Ar
 
 
 class MemberBatches:
-  """The in-memory training split on the member mesh; every member's batch is drawn inside the update."""
+  """The in-memory training split on the member mesh; every member's batch is drawn inside the update.
+
+  Up to steps_per_dispatch loop steps run in one compiled call (`dispatch.run_steps`, its body's convolutions in
+  the order XLA:CPU gives the top level, as the one-member source's); the caller ends a dispatch where a member's
+  epoch ends (`MemberPlan.epoch_ends`), since every member's order of the data is fixed for the call.
+  """
 
   def __init__(self, exp: Experiment, mesh, arrays: tuple[np.ndarray, np.ndarray], plan: train_step.Plan,
-               mp: MemberPlan, keys: dict[str, np.ndarray]):
+               mp: MemberPlan, keys: dict[str, np.ndarray], steps_per_dispatch: int = 1):
     self._mesh, self._mp, self._plan = mesh, mp, plan
     self._images, self._labels = put_train_split(mesh, arrays)
     self._batch_fn = make_member_batch_fn(mesh, exp.spec, plan, exp.config.batch_size, mp.strategy)
     self._perm_fn = make_member_permutation_fn(mesh, self._images.shape[0] // mesh.devices.size, mp.strategy)
-    self._sharding = sharding = NamedSharding(mesh, P(MEMBER_AXIS))
+    self._sharding = sharding = member_sharding(mesh)
     self._keys = {k: jax.device_put(v, sharding) for k, v in keys.items() if k != "init"}
     self._ends = jax.device_put(np.asarray(mp.ends, np.int32), sharding)
     self._dtype = exp.compute_dtype
     self._perms, self._perm_epochs = None, None
+    self._canonical_convs = mesh.devices.flat[0].platform == "cpu"  # See snapjax/dispatch.py.
+    self.steps_per_dispatch = steps_per_dispatch
+    self.stacked = steps_per_dispatch > 1
 
   def permutations(self, steps: list[int]) -> jax.Array:
     """Every member's shard orders for the epochs of its steps, computed again only when an epoch changes."""
@@ -285,17 +305,19 @@ class MemberBatches:
       self._perm_epochs = epochs
     return self._perms
 
-  def compile(self, make_step: Callable[[jax.Array], train_step.StepFn]):
-    """The jitted update of every member: state_J -> (state_J, metrics_J).
+  def compile(self, make_step: Callable[[jax.Array], train_step.StepFn]) -> Callable[..., tuple[PyTree, PyTree]]:
+    """The jitted update of every member: update(state_J, done, n) -> (state_J, metrics_J), n loop steps.
 
     make_step(dropout_key) -> the 1-member step function of one member (traced once per group program).
+    metrics_J: one value per member, or (steps_per_dispatch > 1) one row of them per loop step.
     """
-    batch_fn, dtype, mp, mesh = self._batch_fn, self._dtype, self._mp, self._mesh
+    batch_fn, dtype, mp, mesh, k = self._batch_fn, self._dtype, self._mp, self._mesh, self.steps_per_dispatch
+    canonical = dispatch.canonical_convolutions if k > 1 and self._canonical_convs else (lambda f: f)
 
     def group(state_m, x_m, y_m, dropout_keys_m, ends_m):
       def one(args):
         state, x, y, dropout_key, end = args
-        new, metrics = make_step(dropout_key)(state, x.astype(dtype), y)
+        new, metrics = canonical(make_step(dropout_key))(state, x.astype(dtype), y)
         if mp.masked:  # A member past its last step keeps its state; its metrics do not count.
           active = state["step"] < end
           new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state)
@@ -307,22 +329,33 @@ class MemberBatches:
     update_groups = jax.shard_map(group, mesh=mesh, in_specs=(spec,) * 5, out_specs=(spec, spec),
                                   axis_names={MEMBER_AXIS})
 
-    def fused(state, images, labels, keys, ends, perms):
+    def member_step(state, images, labels, keys, ends, perms):
       x, y = batch_fn(images, labels, state["step"], perms, keys["aug"])
-      state, metrics = update_groups(state, x, y, keys["dropout"], ends)
+      return update_groups(state, x, y, keys["dropout"], ends)
+
+    def fused(state, images, labels, keys, ends, perms, num_steps=None):
+      if num_steps is None:
+        state, metrics = member_step(state, images, labels, keys, ends, perms)
+      else:
+        state, metrics = dispatch.run_steps(member_step, k, state, images, labels, keys, ends, perms,
+                                            num_steps=num_steps)
       # The (J,) metrics replicated: every host reads them (the loop checks and logs them).
       return state, jax.lax.with_sharding_constraint(metrics, NamedSharding(mesh, P()))
 
     jitted = jax.jit(fused, donate_argnums=(0,))
+    counts = {}  # n -> the count on the devices, made once.
 
-    def update(state, i: int | None = None):
-      """Loop step i (1-based; None: read every member's step from the state, one device sync)."""
-      if i is None:
-        steps = [int(s) for s in jax.device_get(replicate(state["step"], mesh))]
-      else:
-        steps = [mp.global_step(j, i - 1) for j in range(mp.size)]
-      return jitted(state, self._images, self._labels, self._keys, self._ends, self.permutations(steps))
+    def update(state, done: int, n: int = 1):
+      """n loop steps after `done` (every member's steps from the plan: no device sync)."""
+      assert 1 <= n <= k, (n, k)
+      perms = self.permutations([mp.global_step(j, done) for j in range(mp.size)])
+      if k == 1:
+        return jitted(state, self._images, self._labels, self._keys, self._ends, perms)
+      if n not in counts:
+        counts[n] = jax.device_put(np.int32(n), NamedSharding(mesh, P()))
+      return jitted(state, self._images, self._labels, self._keys, self._ends, perms, counts[n])
 
+    update.steps_per_dispatch, update.stacked = k, self.stacked
     return update
 
 

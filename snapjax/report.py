@@ -1,4 +1,4 @@
-"""eval.py's report: report.json, report.md and its figures.
+"""eval.py's report: report.json, report.md and its figures, and where each lies in the report's directory.
 
 error_vs_m.png: test error of each snapshot and last-m ensemble; reliability.png: reliability diagrams and ECE;
 diversity.png: the snapshots' pairwise disagreement and softmax correlation (paper Fig. 6); interpolation.png: test
@@ -12,22 +12,35 @@ from absl import logging
 
 from snapjax.workdir import run_path
 
+REPORT_FILE = "report.json"
+
 
 def write_report(report: dict[str, Any], out_dir: str, *, plot: bool = True) -> None:
   """report.json, report.md and (if plot) error_vs_m.png in out_dir (a local path or a bucket URL)."""
   out = run_path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "report.json").write_text(json.dumps(report, indent=2))
+  (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
   (out / "report.md").write_text(markdown(report))
   if plot:
-    figures = {"error_vs_m.png": plot_error_vs_m, "reliability.png": plot_reliability,
-               "diversity.png": plot_diversity, "interpolation.png": plot_interpolation}
-    needs = {"reliability.png": "calibration", "diversity.png": "diversity", "interpolation.png": "interpolation"}
+    figures = {"error_vs_m": plot_error_vs_m, "reliability": plot_reliability, "diversity": plot_diversity,
+               "interpolation": plot_interpolation}
+    needs = {"reliability": "calibration", "diversity": "diversity", "interpolation": "interpolation"}
     for name, plot_fn in figures.items():
       if needs.get(name, "snapshots") in report:
-        with (out / name).open("wb") as f:
+        with run_path(figure_path(out_dir, name)).open("wb") as f:
           plot_fn(report).savefig(f, format="png", dpi=120)
   logging.info("Wrote %s", out / "report.md")
+
+
+def read_report(out_dir: str) -> dict[str, Any] | None:
+  """The report `write_report` wrote into out_dir (eval.py's --out_dir, by default WORKDIR/eval), or None."""
+  path = run_path(out_dir) / REPORT_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def figure_path(out_dir: str, name: str) -> str:
+  """Where `write_report` writes a figure: name is "error_vs_m", "reliability", "diversity" or "interpolation"."""
+  return str(run_path(out_dir) / f"{name}.png")
 
 
 def best_snapshot(report: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -123,7 +123,7 @@ def score_snapshots(apply_fn: Callable[[PyTree, jax.Array], jax.Array], stacked:
   of each group's ensemble (Scores.groups), from the same pass.
   """
   totals = None
-  weights = None if not groups else jnp.asarray(group_weights(groups, ensemble._num_members(stacked)))
+  weights = None if not groups else jnp.asarray(group_weights(groups, ensemble.num_members(stacked)))
   for x, y, mask in batches:
     mean_BxC, probs_MxBxC = ensemble.ensemble_predict(apply_fn, stacked, x, return_members=True)
     per_member, per_m = _member_and_last_m_counts(probs_MxBxC, y, mask)

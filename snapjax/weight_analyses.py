@@ -31,6 +31,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from snapjax import data, experiment, scoring, weight_space
+from snapjax import progress as progress_lib
 from snapjax.errors import ConfigError
 
 PyTree = Any
@@ -38,7 +39,6 @@ ANALYSES = ("weight_average", "interpolation")
 DEFAULT_BN_BATCHES = 50
 DEFAULT_INTERPOLATION_POINTS = 11
 BN_SEED = 0
-_LOG_EVERY_S = 10.0
 
 
 def check_args(analyses: Sequence[str] | None, bn_batches: int, interpolation_points: int) -> tuple[str, ...]:
@@ -124,33 +124,7 @@ def train_apply_fn(exp: experiment.Experiment) -> weight_space.TrainApplyFn:
                                           rngs={"dropout": key})
 
 
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-class Progress:
-  """Logs 'WHAT: k/N batches (x%), elapsed, ETA' at most every 10 s, and at the last batch."""
-
-  def __init__(self, what: str, total: int | None, every_s: float = _LOG_EVERY_S):
-    self.what, self.total, self.every_s = what, total, every_s
-    self.start = self.last = time.monotonic()
-
-  def __call__(self, done: int) -> None:
-    now = time.monotonic()
-    if (now - self.last < self.every_s and done != self.total) or jax.process_index() != 0:
-      return  # One progress log for a multi-host run, as training's.
-    self.last = now
-    elapsed = now - self.start
-    if self.total:
-      eta = elapsed / done * (self.total - done)
-      logging.info("%s: %d/%d batches (%.0f%%), %s elapsed, ETA %s", self.what, done, self.total,
-                   100 * done / self.total, _duration(elapsed), _duration(eta))
-    else:
-      logging.info("%s: %d batches, %s elapsed", self.what, done, _duration(elapsed))
-
-
-def _counted(batches: Iterable[Any], progress: Progress) -> Iterator[Any]:
+def _counted(batches: Iterable[Any], progress: progress_lib.BatchProgress) -> Iterator[Any]:
   """Yields the batches; reports each one done when the consumer asks for the next (scoring syncs per batch)."""
   done = 0
   for b in batches:
@@ -213,17 +187,17 @@ def run(exp: experiment.Experiment, stacked: PyTree, steps: list[tuple[str, int]
   start = time.monotonic()
   points = weight_space.recompute_batch_stats(
       train_apply_fn(exp), points, bn_batches(exp, train_arrays, num_batches), stacked=True,
-      progress=Progress(f"BatchNorm statistics of {num_points} networks", num_batches))
+      progress=progress_lib.BatchProgress(f"BatchNorm statistics of {num_points} networks", num_batches))
   bn_seconds = time.monotonic() - start
   test_batch = experiment.round_up(eval_batch_size or exp.config.eval_batch_size, exp.mesh.devices.size)
   num_test = len(test_arrays[1]) if test_arrays is not None else exp.spec.num_eval
-  progress = Progress(f"test scores of {num_points} networks", -(-num_test // test_batch))
+  progress = progress_lib.BatchProgress(f"test scores of {num_points} networks", -(-num_test // test_batch))
   scores, calibration = scoring.score_members(
       exp.apply_fn, points, _counted(exp.test_batches(eval_batch_size, test_arrays), progress))
   if jax.process_index() == 0:
     logging.info("Analyses done in %s (BatchNorm statistics %s, test scores %s)",
-                 _duration(time.monotonic() - start), _duration(bn_seconds),
-                 _duration(time.monotonic() - start - bn_seconds))
+                 progress_lib.duration(time.monotonic() - start), progress_lib.duration(bn_seconds),
+                 progress_lib.duration(time.monotonic() - start - bn_seconds))
 
   out = {}
   if "weight_average" in analyses:

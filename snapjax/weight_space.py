@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from snapjax.ensemble import _num_members, _path_str
+from snapjax.ensemble import leaf_name, num_members
 
 PyTree = Any
 # (variables, x) -> (output, {"batch_stats": updated statistics}): the model in training mode, e.g.
@@ -28,7 +28,7 @@ TrainApplyFn = Callable[[PyTree, Any], tuple[Any, PyTree]]
 def _check_floating(tree: PyTree, what: str) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      raise ValueError(f"{what} leaf {_path_str(path)} has dtype {jnp.result_type(leaf)}; only floating leaves "
+      raise ValueError(f"{what} leaf {leaf_name(path)} has dtype {jnp.result_type(leaf)}; only floating leaves "
                        f"can be averaged or interpolated")
 
 
@@ -60,7 +60,7 @@ def average_snapshots(stacked: PyTree, last_m: int | None = None) -> PyTree:
     >>> snapjax.average_snapshots(stacked, last_m=2)["w"].tolist()
     [4.0, 4.0]
   """
-  num = _num_members(stacked)
+  num = num_members(stacked)
   if last_m is None:
     last_m = num
   if isinstance(last_m, bool) or not isinstance(last_m, numbers.Integral) or not 1 <= last_m <= num:
@@ -71,7 +71,7 @@ def average_snapshots(stacked: PyTree, last_m: int | None = None) -> PyTree:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _average(stacked: PyTree, last_m: int) -> PyTree:
-  num = _num_members(stacked)
+  num = num_members(stacked)
 
   def mean(a):
     acc = jnp.promote_types(a.dtype, jnp.float32)
@@ -215,7 +215,7 @@ def recompute_batch_stats(train_apply_fn: TrainApplyFn, variables: PyTree, batch
   if not jax.tree.leaves(variables["batch_stats"]):
     return variables
   if stacked:
-    _num_members(variables)  # Every leaf has the same leading axis.
+    num_members(variables)  # Every leaf has the same leading axis.
   sums = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32, device=getattr(a, "sharding", None)),
                       variables["batch_stats"])
   num = 0

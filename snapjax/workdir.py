@@ -1,4 +1,4 @@
-"""A run's workdir: its path (local or bucket URL), its config.json, the lock of the live run, moving a run aside."""
+"""A run's workdir: its path (local or bucket URL), its layout and config.json, the live run's lock, moving it aside."""
 import json
 import os
 import time
@@ -14,8 +14,9 @@ from snapjax.errors import CheckpointError
 CONFIG_FILE = "config.json"
 STATE_DIR = "state"  # The train state for resuming (snapjax.checkpoints).
 SNAPSHOT_DIR = "snapshots"  # One orbax checkpoint per snapshot (snapjax.checkpoints).
+EVAL_DIR = "eval"  # eval.py's report of the run, unless given --out_dir (snapjax.report).
 # What a run writes into its workdir (and --fresh moves aside): config, checkpoints, reports, TensorBoard events.
-RUN_ENTRIES = (CONFIG_FILE, STATE_DIR, SNAPSHOT_DIR, "eval")
+RUN_ENTRIES = (CONFIG_FILE, STATE_DIR, SNAPSHOT_DIR, EVAL_DIR)
 _ALLOWED = "allowed: a directory (created if missing) or a bucket URL such as gs://bucket/run"
 
 
@@ -23,6 +24,11 @@ def run_path(path: str | os.PathLike) -> epath.Path:
   """A workdir path: local (made absolute) or a bucket URL such as gs://bucket/run (Cloud TPU)."""
   path = os.fspath(path)
   return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+def eval_dir(workdir: str) -> str:
+  """Where eval.py writes a run's report when not given --out_dir: WORKDIR/eval."""
+  return os.path.join(workdir, EVAL_DIR)
 
 
 def check_path(workdir: str | None, flag: str = "--workdir") -> None:

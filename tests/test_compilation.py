@@ -1,4 +1,6 @@
 """Compilation: each program of a run compiles once however often it runs; the persistent cache is opt-in."""
+import ast
+import glob
 import os
 import subprocess
 import sys
@@ -14,29 +16,54 @@ from test_dispatch import _Compiles
 pytestmark = pytest.mark.devices(4)  # In-process runs use conftest's 4 CPU devices.
 
 
-def test_train_step_and_evaluator_compile_once_per_run(tiny_data, tmp_path):
-  """Two snapshots scored while training, then eval.py's logic: each program compiles once, however often it runs.
+def _snapjax_programs(compiles) -> dict[str, int]:
+  """The compilations of functions defined in snapjax's sources (not JAX's eager per-shape ops: jit(slice), ...)."""
+  ours = set()
+  for path in glob.glob(os.path.join(helpers.ROOT, "snapjax", "**", "*.py"), recursive=True):
+    ours.update(n.name for n in ast.walk(ast.parse(open(path).read())) if isinstance(n, ast.FunctionDef))
+  return {name: n for name, n in compiles.count.items() if name.removeprefix("jit(").removesuffix(")") in ours}
 
-  Programs made for a run (the step, its data order, the initialiser, the evaluator of the run's model) compile once
-  per run; the module-level scoring sum compiles at most once per process (an earlier test may have compiled it).
+
+def _compiled_twice(compiles) -> dict[str, int]:
+  programs = _snapjax_programs(compiles)
+  assert len(programs) >= 2, compiles.count  # The run's own programs are seen (the check is not vacuous).
+  return {name: n for name, n in programs.items() if n > 1}
+
+
+def test_train_step_and_evaluator_compile_once_per_run(tiny_data, tmp_path):
+  """Two snapshots scored while training, then eval.py's logic: no program compiles twice, however often it runs.
+
+  The step (one program for every dispatch length), its data order, the initialiser and the evaluator run many
+  times; each is one XLA compilation. A resumed run (here: a finished one) compiles no initialiser.
   """
   workdir = str(tmp_path / "run")
-  per_run = ("epoch_permutation", "init_state", "_ensemble", "normalize")
   with _Compiles() as compiles:
-    training.train_and_evaluate(tiny_config(tiny_data), workdir)
-  for name in per_run:
-    assert compiles.count[f"jit({name})"] == 1, (name, compiles.count)
+    result = training.train_and_evaluate(tiny_config(tiny_data), workdir)
+  assert len(result.snapshot_scores) == 2 and not _compiled_twice(compiles), compiles.count
   # The step: one program for every dispatch (train_steps: K > 1, the default; train_step: K = 1).
   assert compiles.count["jit(train_steps)"] + compiles.count["jit(train_step)"] == 1, compiles.count
-  assert compiles.count["jit(_member_and_last_m_counts)"] <= 1, compiles.count
+  assert compiles.count["jit(init_state)"] == 1, compiles.count  # snapjax.train_step.init_state.
   with _Compiles() as compiles:  # Resuming (here: a finished run) compiles no initialiser.
     assert training.train_and_evaluate(tiny_config(tiny_data), workdir).step == 64
   assert not compiles.count["jit(init_state)"], compiles.count
   with _Compiles() as compiles:
-    evaluation.evaluate_runs([workdir], plot=False)
-  for name in ("_ensemble", "normalize"):
-    assert compiles.count[f"jit({name})"] == 1, (name, compiles.count)
-  assert compiles.count["jit(_member_and_last_m_counts)"] <= 1, compiles.count
+    report = evaluation.evaluate_runs([workdir], plot=False)
+  assert len(report["snapshots"]) == 2 and not _compiled_twice(compiles), compiles.count
+
+
+def test_member_run_compiles_its_update_once_and_resumes_without_the_initialiser(tiny_data, tmp_path):
+  """A K = 2 member run, several loop steps per dispatch (the one-member default): its update is one program for
+  every dispatch length, and its resume (an interrupted run, then the rest) compiles no initialiser."""
+  workdir = str(tmp_path / "k2")
+  config = tiny_config(tiny_data, num_members=2, member_groups=2, eval_snapshots=False)
+  with _Compiles() as compiles:
+    first = training.train_and_evaluate(config, workdir, hooks=training.Hooks(stop_at=lambda step: step >= 30))
+  assert first.preempted and first.step == 30 and not _compiled_twice(compiles), compiles.count
+  assert compiles.count["jit(fused)"] == 1 and compiles.count["jit(init)"] == 1, compiles.count
+  with _Compiles() as compiles:
+    rest = training.train_and_evaluate(config, workdir)
+  assert not rest.preempted and rest.step == 64 and not _compiled_twice(compiles), compiles.count
+  assert compiles.count["jit(fused)"] == 1 and not compiles.count["jit(init)"], compiles.count
 
 
 def _train_py(tiny_data, workdir, *flags):

@@ -1,6 +1,4 @@
 """configs/*.py:METHOD: every Table 1 method on every paper config, checked against the paper's facts."""
-import importlib.util
-import os
 import subprocess
 import sys
 
@@ -9,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import configs
 from snapjax import config as config_lib, data, experiment, train_step
 from snapjax.errors import ConfigError
 
 import helpers
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 METHODS = ("snapshot", "snapshot_lr0.1", "single", "nocycle", "single_cycle", "dropout")
 # Paper Table 1 (rows x datasets) and the budget table: file -> (B epochs, M cycles, batch), restated.
 TABLE1 = {
@@ -27,13 +25,6 @@ TABLE1 = {
 PAPER_CONFIGS = {**TABLE1, "imagenet_resnet50": (90, 2, 256)}
 # The fields a method may change; everything else (the budget, model, data) is the Snapshot Ensemble's.
 METHOD_FIELDS = ("schedule", "init_lr", "num_cycles", "method", "dropout_rate")
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _expected(method, alpha0, m):
@@ -49,13 +40,13 @@ def _expected(method, alpha0, m):
 
 
 def test_every_table1_row_has_a_config():
-  found = {f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py")}
+  found = set(configs.names())
   assert found == set(PAPER_CONFIGS) | {"quickstart", "fashion_mnist", "study_fashion_mnist"}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
 def test_every_method_of_every_paper_config_is_valid_and_the_papers(name):
-  module = _load(name)
+  module = configs.load(name)
   epochs, m, batch = PAPER_CONFIGS[name]
   default = module.get_config()
   alpha0 = 0.1 if name == "imagenet_resnet50" else 0.2  # ImageNet's batch 256 uses alpha0 = 0.1.
@@ -84,12 +75,12 @@ def test_every_method_of_every_paper_config_is_valid_and_the_papers(name):
 def test_unknown_method_names_the_allowed_ones(name):
   with pytest.raises(ConfigError, match="'snapshots' is not a Table 1 method; allowed: snapshot, snapshot_lr0.1, "
                                         "single, nocycle, single_cycle, dropout"):
-    _load(name).get_config("snapshots")
+    configs.load(name).get_config("snapshots")
 
 
 def test_fashion_mnist_methods_have_the_quickstart_budget():
-  quick = _load("quickstart").get_config()
-  module = _load("fashion_mnist")
+  quick = configs.load("quickstart").get_config()
+  module = configs.load("fashion_mnist")
   assert module.get_config().to_dict() == quick.to_dict()  # The default arm is the quickstart.
   for method in METHODS:
     c = module.get_config(method)
@@ -106,7 +97,7 @@ def test_fashion_mnist_methods_have_the_quickstart_budget():
 def test_dropout_arm_is_deterministic_at_evaluation():
   """Dropout is off at evaluation: Experiment.apply_fn (the one eval path) gives the same logits every call, the
   same as the model in eval mode under any dropout rng; in train mode two dropout rngs differ."""
-  c = _load("fashion_mnist").get_config("dropout")
+  c = configs.load("fashion_mnist").get_config("dropout")
   c.fashion_mnist_dir = ""  # Nothing is read: build() takes the dataset's spec only.
   exp = experiment.build(c)
   assert exp.model.dropout_rate == 0.2

@@ -11,7 +11,7 @@ DOCUMENTED = {
     schedules: (("snapshot_schedule", "snapshot_steps", "step_schedule", "nocycle_snapshot_steps",
                  "steps_for_epochs"), 15),
     ensemble: (("stack_snapshots", "ensemble_predict", "resolve_strategy", "counts", "error_rate", "nll",
-                "Counts"), 41),
+                "Counts", "num_members", "leaf_name", "check_metric_args"), 52),
     export: (("export_ensemble", "load_exported"), 15),
     analysis: (("calibration_counts", "diversity_counts", "CalibrationCounts", "DiversityCounts"), 32),
     weight_space: (("average_snapshots", "interpolate_snapshots", "recompute_batch_stats"), 20),

@@ -1,18 +1,16 @@
 """scripts/paper_table.py (issue 9): every config it names exists and validates; the paper's numbers match paper.md."""
-import importlib.util
 import json
 import os
 import re
 
 import pytest
 
+from benchmarks import cost_analysis
+from scripts import paper_table
 from snapjax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_MD = "/work/shared/paper.md"
-spec = importlib.util.spec_from_file_location("paper_table", os.path.join(ROOT, "scripts", "paper_table.py"))
-paper_table = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(paper_table)
 ROWS = paper_table.rows()
 
 
@@ -81,22 +79,19 @@ def test_the_page_has_every_row_and_takes_projections(tmp_path):
 
 def test_cost_analysis_projects_each_row_from_its_own_step(monkeypatch, tmp_path):
   """benchmarks/cost_analysis.py --paper_table: hours = the row's training images / the roofline bound of its step."""
-  spec_ = importlib.util.spec_from_file_location("cost_analysis", os.path.join(ROOT, "benchmarks", "cost_analysis.py"))
-  ca = importlib.util.module_from_spec(spec_)
-  spec_.loader.exec_module(ca)
   calls = []
 
   def fake_cost(c, shape, num_classes):  # 1 TFLOP and 1 GB per 64 images: compute-bound on both chips.
     calls.append((c.model, c.dropout_rate, tuple(shape), c.batch_size, c.dtype))
     return {"flops": 1e12 * c.batch_size / 64, "bytes": 1e9 * c.batch_size / 64, "compile_s": 0.0}
 
-  monkeypatch.setattr(ca, "config_step_cost", fake_cost)
+  monkeypatch.setattr(cost_analysis, "config_step_cost", fake_cost)
   cache = str(tmp_path / "costs.json.steps")
-  out = ca.paper_projections(cache=cache)
+  out = cost_analysis.paper_projections(cache=cache)
   assert set(out) == {r["config"] for r in ROWS}
   assert len(calls) == len(set(calls))  # One compile per distinct step.
   compiled = len(calls)
-  assert ca.paper_projections(cache=cache) == out and len(calls) == compiled  # A rerun compiles nothing.
+  assert cost_analysis.paper_projections(cache=cache) == out and len(calls) == compiled  # A rerun compiles nothing.
   assert ("resnet110", 0.0, (32, 32, 3), 64, "float32") in calls and ("resnet50", 0.0, (224, 224, 3), 256,
                                                                        "bfloat16") in calls
   # paper.md's budgets: CIFAR ResNet-110 200 epochs of 50,000 images at batch 64; ImageNet 90 epochs at batch 256.

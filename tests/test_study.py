@@ -1,23 +1,15 @@
-"""scripts/study.py (issue 9): the pipeline on tiny data, resuming and skipping, the statistics, the wording."""
-import importlib.util
+"""scripts/study.py and snapjax.study (issue 9): the pipeline on tiny data, resuming and skipping, the statistics,
+the wording."""
 import json
 import os
 
 import numpy as np
 import pytest
 
+from configs import study_fashion_mnist
+from scripts import study
+from snapjax.study import page as page_lib, plan, runner, stats as stats_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-study = _load("study")
 SECTIONS = ("## Agreement with the paper", "## Results", "## Paired differences",
             "## Ensemble size and diversity of one Snapshot Ensemble run", "## Did each cycle converge?", "## Budget",
             "## Wall time and command")
@@ -25,8 +17,7 @@ SECTIONS = ("## Agreement with the paper", "## Results", "## Paired differences"
 
 def test_the_config_has_every_arm_on_one_budget():
   from snapjax import config as config_lib
-  module = study._load_config_module()
-  configs = {arm: module.get_config(arm) for arm in module.ARMS}
+  configs = {arm: study_fashion_mnist.get_config(arm) for arm in study_fashion_mnist.ARMS}
   budget = ("model", "dataset", "train_split", "augment", "num_epochs", "batch_size", "momentum", "weight_decay")
   for arm, c in configs.items():
     config_lib.validate(c, 4)
@@ -45,11 +36,11 @@ def _fake(errors: dict[str, list[float]], true_ensemble: float | None = None) ->
   """A results dict of write_results with the given per-seed test errors (NLL and ECE derived from them)."""
   arms = {}
   for arm, errs in errors.items():
-    arms[arm] = {"label": study.LABELS[arm], "cost": "1x",
+    arms[arm] = {"label": plan.LABELS[arm], "cost": "1x",
                  "runs": {str(s): {"error": e, "nll": 3 * e, "ece": e / 2, "last_error": e + 0.01}
                           for s, e in enumerate(errs)}}
   if true_ensemble is not None:
-    arms[study.TRUE_ENSEMBLE_ARM] = {"label": study.LABELS[study.TRUE_ENSEMBLE_ARM], "cost": "3x", "pooled": True,
+    arms[plan.TRUE_ENSEMBLE_ARM] = {"label": plan.LABELS[plan.TRUE_ENSEMBLE_ARM], "cost": "3x", "pooled": True,
                                      "pooled_seeds": [0, 1, 2], "runs": {"pooled": {"error": true_ensemble,
                                                                                     "nll": 0.2, "ece": 0.01}}}
   budget = {"arms": {}, "model": "resnet8", "dataset": "fashion_mnist", "train_split": "train[:20000]",
@@ -61,7 +52,7 @@ def _fake(errors: dict[str, list[float]], true_ensemble: float | None = None) ->
 
 def test_mean_std_and_paired_differences_match_numpy(tmp_path):
   se, single, nocycle = [0.101, 0.097, 0.105], [0.112, 0.108, 0.104], [0.099, 0.110, 0.103]
-  summary = study.write_results(_fake({"snapshot": se, "single": single, "nocycle": nocycle}, 0.09), str(tmp_path))
+  summary = page_lib.write_results(_fake({"snapshot": se, "single": single, "nocycle": nocycle}, 0.09), str(tmp_path))
   for arm, errs in (("snapshot", se), ("single", single)):
     stats = summary["arms"][arm]["stats"]
     np.testing.assert_allclose([stats["error"]["mean"], stats["error"]["std"]], [np.mean(errs), np.std(errs, ddof=1)])
@@ -72,9 +63,9 @@ def test_mean_std_and_paired_differences_match_numpy(tmp_path):
   got = comp[("snapshot", "single")]["error"]
   np.testing.assert_allclose([got["per_seed"][str(s)] for s in range(3)], diff)
   np.testing.assert_allclose([got["mean"], got["std"]], [diff.mean(), diff.std(ddof=1)])
-  te = comp[(study.TRUE_ENSEMBLE_ARM, "snapshot")]["error"]  # The pooled true ensemble against every seed.
+  te = comp[(plan.TRUE_ENSEMBLE_ARM, "snapshot")]["error"]  # The pooled true ensemble against every seed.
   np.testing.assert_allclose([te["per_seed"][str(s)] for s in range(3)], 0.09 - np.array(se))
-  assert study.mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1}
+  assert stats_lib.mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1}
   saved = json.loads((tmp_path / "fashion_mnist.json").read_text())
   assert saved["comparisons"][0]["error"]["per_seed"] == got["per_seed"]
   page = (tmp_path / "fashion_mnist.md").read_text()
@@ -83,7 +74,7 @@ def test_mean_std_and_paired_differences_match_numpy(tmp_path):
 
 
 def _sentence(page: str, a: str, b: str) -> str:
-  return next(l for l in page.splitlines() if l.startswith(f"- {study.LABELS[a]} vs {study.LABELS[b]} ("))
+  return next(l for l in page.splitlines() if l.startswith(f"- {plan.LABELS[a]} vs {plan.LABELS[b]} ("))
 
 
 @pytest.mark.parametrize("sign, word, verdict", [(-1, "**agrees with the paper**", "agrees"),
@@ -91,29 +82,29 @@ def _sentence(page: str, a: str, b: str) -> str:
 def test_the_agreement_wording_follows_the_numbers(tmp_path, sign, word, verdict):
   single = [0.110, 0.108, 0.112]
   se = [e + sign * d for e, d in zip(single, (0.004, 0.001, 0.006))]
-  summary = study.write_results(_fake({"snapshot": se, "single": single}, 0.095), str(tmp_path))
+  summary = page_lib.write_results(_fake({"snapshot": se, "single": single}, 0.095), str(tmp_path))
   page = (tmp_path / "fashion_mnist.md").read_text()
   line = _sentence(page, "snapshot", "single")
   assert word in line and f"lower test error in {3 if sign < 0 else 0} of 3 seeds" in line
   assert {(c["a"], c["b"]): c["verdict"] for c in summary["comparisons"]}[("snapshot", "single")] == verdict
-  assert "closes" in _sentence(page, study.TRUE_ENSEMBLE_ARM, "snapshot")
+  assert "closes" in _sentence(page, plan.TRUE_ENSEMBLE_ARM, "snapshot")
   # Mixed signs across seeds: neither agreement nor disagreement.
-  mixed = study.write_results(_fake({"snapshot": [0.10, 0.12, 0.10], "single": [0.11, 0.11, 0.11]}), str(tmp_path))
+  mixed = page_lib.write_results(_fake({"snapshot": [0.10, 0.12, 0.10], "single": [0.11, 0.11, 0.11]}), str(tmp_path))
   assert "**inconclusive: the seeds disagree**" in _sentence((tmp_path / "fashion_mnist.md").read_text(),
                                                              "snapshot", "single")
   assert mixed["comparisons"][0]["verdict"] == "inconclusive"
   # A tie (float noise in a difference of equal errors) agrees with neither direction.
-  tied = study.summarize(_fake({"snapshot": [0.1, 0.099, 0.1], "single": [0.11, 0.099, 0.11]}))
+  tied = stats_lib.summarize(_fake({"snapshot": [0.1, 0.099, 0.1], "single": [0.11, 0.099, 0.11]}))
   assert tied["comparisons"][0]["verdict"] == "inconclusive" and "(1 tied)" in tied["comparisons"][0]["text"]
   assert "not run" in _sentence((tmp_path / "fashion_mnist.md").read_text(), "snapshot", "nocycle")
 
 
 def test_the_approach_fraction_follows_the_numbers():
-  results = study.summarize(_fake({"snapshot": [0.10, 0.10], "single": [0.12, 0.11]}, 0.09))
-  text = next(c for c in results["comparisons"] if c["a"] == study.TRUE_ENSEMBLE_ARM)["text"]
+  results = stats_lib.summarize(_fake({"snapshot": [0.10, 0.10], "single": [0.12, 0.11]}, 0.09))
+  text = next(c for c in results["comparisons"] if c["a"] == plan.TRUE_ENSEMBLE_ARM)["text"]
   assert "seed 0: 67%" in text and "seed 1: 50%" in text  # (0.12 - 0.10) / (0.12 - 0.09), (0.11 - 0.10) / 0.02.
-  results = study.summarize(_fake({"snapshot": [0.10, 0.10], "single": [0.12, 0.085]}, 0.09))
-  text = next(c for c in results["comparisons"] if c["a"] == study.TRUE_ENSEMBLE_ARM)["text"]
+  results = stats_lib.summarize(_fake({"snapshot": [0.10, 0.10], "single": [0.12, 0.085]}, 0.09))
+  text = next(c for c in results["comparisons"] if c["a"] == plan.TRUE_ENSEMBLE_ARM)["text"]
   assert "seed 0: 67%" in text and "no worse than the true ensemble: seed 1;" in text
 
 
@@ -121,11 +112,11 @@ def test_the_convergence_check_follows_the_snapshot_errors():
   results = _fake({"snapshot": [0.10, 0.11], "single": [0.12, 0.12]})
   for run in results["arms"]["snapshot"]["runs"].values():
     run["snapshot_errors"] = [0.14, 0.12, 0.11, 0.105]  # Every cycle better than the last.
-  page = study.render_markdown(study.summarize(results))
+  page = page_lib.render_markdown(stats_lib.summarize(results))
   assert "| 14.00 | 12.00 | 11.00 | 10.50 | 2 of 2 seeds | 1 of 2 seeds |" in page
   assert "beats its best single snapshot in 1 of 2 seeds" in page
   results["arms"]["snapshot"]["runs"]["0"]["error"] = 0.106  # Now the ensemble never beats the last snapshot.
-  assert "the cycles did not converge on this budget" in study.render_markdown(study.summarize(results))
+  assert "the cycles did not converge on this budget" in page_lib.render_markdown(stats_lib.summarize(results))
 
 
 def test_dry_run_prints_the_real_plan(capsys):
@@ -134,7 +125,7 @@ def test_dry_run_prints_the_real_plan(capsys):
   assert study.main(["--dry_run", "--out", "/nonexistent/study"]) == 0
   out = capsys.readouterr().out
   assert "18 training runs and 19 evaluations" in out
-  for arm in study._load_config_module().ARMS:
+  for arm in study_fashion_mnist.ARMS:
     for seed in (0, 1, 2):
       assert (f"train.py --config configs/study_fashion_mnist.py:{arm} --workdir /nonexistent/study/{arm}/s{seed} "
               f"--config.seed={seed}") in out
@@ -149,7 +140,7 @@ def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(tiny_data, tmp_path, 
   from snapjax import evaluation, training
   out, results = tmp_path / "study", tmp_path / "results"
   argv = ["--tiny", tiny_data, "--out", str(out), "--results_dir", str(results), "--seeds", "0,1", "--in_process",
-          "--arms", f"snapshot,single,{study.WEIGHT_AVERAGE_ARM},{study.TRUE_ENSEMBLE_ARM}"]
+          "--arms", f"snapshot,single,{plan.WEIGHT_AVERAGE_ARM},{plan.TRUE_ENSEMBLE_ARM}"]
   calls = []
   real_train, real_eval = training.train_and_evaluate, evaluation.evaluate_runs
 
@@ -189,15 +180,15 @@ def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(tiny_data, tmp_path, 
   for section in SECTIONS:
     assert section in page, section
   data = json.loads((results / "fashion_mnist.json").read_text())
-  assert set(data["arms"]) == {"snapshot", "single", study.WEIGHT_AVERAGE_ARM, study.TRUE_ENSEMBLE_ARM}
-  for arm in ("snapshot", "single", study.WEIGHT_AVERAGE_ARM):
+  assert set(data["arms"]) == {"snapshot", "single", plan.WEIGHT_AVERAGE_ARM, plan.TRUE_ENSEMBLE_ARM}
+  for arm in ("snapshot", "single", plan.WEIGHT_AVERAGE_ARM):
     assert set(data["arms"][arm]["runs"]) == {"0", "1"}, arm
     assert data["arms"][arm]["stats"]["error"]["n"] == 2
   report = json.loads((out / "snapshot" / "s1" / "eval" / "report.json").read_text())
   assert data["arms"]["snapshot"]["runs"]["1"]["error"] == report["ensemble"]["error"]
-  assert data["arms"][study.WEIGHT_AVERAGE_ARM]["runs"]["1"]["error"] == report["weight_average"][-1]["error"]
+  assert data["arms"][plan.WEIGHT_AVERAGE_ARM]["runs"]["1"]["error"] == report["weight_average"][-1]["error"]
   te = json.loads((out / "true_ensemble" / "eval" / "report.json").read_text())
-  assert len(te["snapshots"]) == 2 and data["arms"][study.TRUE_ENSEMBLE_ARM]["runs"]["pooled"]["error"] == (
+  assert len(te["snapshots"]) == 2 and data["arms"][plan.TRUE_ENSEMBLE_ARM]["runs"]["pooled"]["error"] == (
       te["ensemble"]["error"])
   comp = {(c["a"], c["b"]): c for c in data["comparisons"]}
   single = data["arms"]["single"]["runs"]
@@ -277,10 +268,10 @@ def test_jobs_run_steps_side_by_side_after_their_dependencies(monkeypatch):
     def save(self):
       pass
 
-  monkeypatch.setattr(study, "status", fake_status)
-  monkeypatch.setattr(study.time, "sleep", lambda s: None)
+  monkeypatch.setattr(plan, "status", fake_status)
+  monkeypatch.setattr(runner.time, "sleep", lambda s: None)
   state = State()
-  assert study._run_parallel(2, steps, state, Runner(), {"train": [], "eval": []}) == 0
+  assert runner.run_parallel(2, steps, state, Runner(), {"train": [], "eval": []}) == 0
   assert sorted(state.finished_keys) == sorted(s["key"] for s in steps)
   assert peak[0] == 2
   ended = {}

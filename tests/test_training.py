@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from snapjax import checkpoints, config as config_lib, evaluation, experiment, models, schedules, training
+from snapjax import report as report_lib
 from snapjax.errors import CheckpointError, ConfigError
 
 from helpers import MEAN, NUM_TEST, STD, snapshot_arrays, tiny_config
@@ -33,6 +34,8 @@ def test_snapshots_at_exactly_the_schedule_steps(full_run):
   ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
   assert ckpt.snapshot_steps() == [32, 64]
   ckpt.close()
+  assert checkpoints.saved_snapshot_steps(workdir) == [32, 64]
+  assert checkpoints.saved_snapshot_steps(os.path.join(workdir, "missing")) == []
   assert result["step"] == 64 and not result["preempted"]
   assert [s["step"] for s in result["snapshot_scores"]] == [32, 64]
   assert all(s["count"] == NUM_TEST for s in result["snapshot_scores"])
@@ -53,6 +56,8 @@ def test_eval_report_equals_naive_recomputation(full_run, tiny_data, tmp_path):
     assert os.path.getsize(tmp_path / name) > 0
   on_disk = json.load(open(tmp_path / "report.json"))
   assert on_disk["snapshots"] == report["snapshots"]
+  assert report_lib.read_report(str(tmp_path)) == on_disk and report_lib.read_report(str(tmp_path / "none")) is None
+  assert report_lib.figure_path(str(tmp_path), "error_vs_m") == str(tmp_path / "error_vs_m.png")
 
   # Naive reference: each snapshot applied on its own, NumPy softmax and metrics, last-m means.
   from snapjax import data
@@ -150,8 +155,7 @@ def test_mock_tfds_cifar10_end_to_end(tmp_path):
 
 
 def test_paper_configs_match_the_paper_budgets():
-  import importlib.util
-  root = os.path.join(os.path.dirname(__file__), "..", "configs")
+  import configs
   # (B epochs, M cycles, batch) from the paper's budget table.
   expected = {"cifar10_resnet110": (200, 5, 64), "cifar100_resnet110": (200, 5, 64),
               "cifar10_wrn32_4": (200, 5, 64), "cifar100_wrn32_4": (200, 5, 64),
@@ -160,13 +164,10 @@ def test_paper_configs_match_the_paper_budgets():
               "svhn_resnet110": (40, 5, 64), "svhn_wrn32_4": (40, 5, 64), "svhn_densenet40": (40, 5, 64),
               "tinyimagenet_resnet110": (150, 6, 128), "tinyimagenet_wrn32_4": (150, 6, 128),
               "tinyimagenet_densenet40": (150, 6, 64), "imagenet_resnet50": (90, 2, 256)}
-  found = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
+  found = set(configs.names())
   assert set(expected) | {"quickstart", "fashion_mnist", "study_fashion_mnist"} == found
   for name in sorted(found):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = configs.load(name).get_config()
     config_lib.validate(c, 4)
     assert c.model in models.names()
     if name in expected:
@@ -257,3 +258,25 @@ def test_eval_headline_last_m_is_that_ensemble(full_run, tmp_path):
   for k in ("error", "nll"):  # The last-1 ensemble is the final snapshot alone.
     np.testing.assert_allclose(report["ensemble"][k], report["snapshots"][-1][k], rtol=1e-6)
     np.testing.assert_allclose(report["ensemble"][k], report["ensembles"][0][k], rtol=1e-6)
+
+
+def test_snapshot_crcs_script_matches_the_checksums_saved_with_each_snapshot(full_run, tmp_path, capsys):
+  """scripts/snapshot_crcs.py (the before/after check of a change) reads back what the loop saved: its CRC32s equal
+  the checksums recorded at save time from the device arrays, and --against names an array that differs."""
+  from scripts import snapshot_crcs
+  workdir, result = full_run
+  crcs = snapshot_crcs.snapshot_crcs(workdir)
+  ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
+  try:
+    exp = experiment.build(evaluation.load_run_config(workdir))
+    saved = {s: ckpt.restore_snapshot(s, exp.abstract_variables())[1]["checksums"] for s in result.snapshot_steps}
+  finally:
+    ckpt.close()
+  assert crcs == {f"{s}/member0/{k}": v for s, sums in saved.items() for k, v in sums.items()}
+  before = tmp_path / "before.json"
+  assert snapshot_crcs.main([workdir, "--out", str(before)]) == 0
+  assert snapshot_crcs.main([workdir, "--against", str(before)]) == 0
+  changed = dict(crcs, **{next(iter(sorted(crcs))): "00000000"})
+  before.write_text(json.dumps(changed))
+  assert snapshot_crcs.main([workdir, "--against", str(before)]) == 1
+  assert "1 of " in capsys.readouterr().out

@@ -1,0 +1,90 @@
+"""The paper's method catalogue, apart from the config schema (snapjax/config.py): budgets and Table 1's methods.
+
+`paper_config(model, dataset)` is a Table 1 experiment with the paper's budget (Section 4: epochs B, cycles M,
+batch size); `apply_method(config, method)` turns it into another column of Table 1 on the same budget;
+`quickstart_config()` is the quickstart's CPU budget. configs/*.py are built from these.
+"""
+import ml_collections
+
+from snapjax import config as config_lib
+from snapjax.errors import ConfigError
+
+# Paper budgets (Section 4): (dataset, model family) -> (B epochs, M cycles, batch size).
+PAPER_BUDGETS = {
+    ("cifar", "resnet"): (200, 5, 64), ("cifar", "wrn"): (200, 5, 64), ("cifar", "densenet"): (300, 6, 64),
+    ("svhn", "resnet"): (40, 5, 64), ("svhn", "wrn"): (40, 5, 64), ("svhn", "densenet"): (40, 5, 64),
+    ("tiny_imagenet", "resnet"): (150, 6, 128), ("tiny_imagenet", "wrn"): (150, 6, 128),
+    ("tiny_imagenet", "densenet"): (150, 6, 64),
+}
+
+
+def quickstart_config() -> ml_collections.ConfigDict:
+  """The quickstart's budget: a ResNet-8 on 10,000 Fashion-MNIST images (Debian's raw IDX files), minutes on a CPU."""
+  c = config_lib.base_config()
+  c.model = "resnet8"  # One basic block per stage: small enough for a 2-core CPU.
+  c.dataset = "fashion_mnist"  # Read from c.fashion_mnist_dir (apt-get install dataset-fashion-mnist).
+  c.train_split = "train[:10000]"  # The first 10,000 training images; the test split stays the full 10,000.
+  c.augment = "none"
+  c.num_epochs = 30.0  # B...
+  c.num_cycles = 5  # ...and M: 5 cycles of 6 epochs (78 steps each).
+  c.init_lr = 0.2  # alpha0.
+  c.batch_size = 128  # Larger batches run faster on CPU.
+  c.eval_batch_size = 1000
+  c.log_every_steps = 78
+  c.checkpoint_every_steps = 234
+  return c
+
+
+def paper_config(model: str, dataset: str, init_lr: float = 0.2) -> ml_collections.ConfigDict:
+  """A Table 1 experiment with the paper's budget (B, M, batch) for this model family and dataset."""
+  group = "cifar" if dataset.startswith("cifar") else "svhn" if dataset.startswith("svhn") else dataset
+  family = next((f for f in ("resnet", "wrn", "densenet") if model.startswith(f)), None)
+  if (group, family) not in PAPER_BUDGETS:
+    raise ValueError(f"no paper budget for model={model!r} on dataset={dataset!r}")
+  c = config_lib.base_config()
+  c.model, c.dataset, c.init_lr = model, dataset, init_lr
+  epochs, c.num_cycles, c.batch_size = PAPER_BUDGETS[(group, family)]
+  c.num_epochs = float(epochs)
+  if group == "tiny_imagenet":
+    c.stem_stride = 2  # 64x64 input: stride 2 in the first convolution of each model.
+  return c
+
+
+# Paper Table 1's methods (paper "Baselines"), the argument of configs/<dataset>_<model>.py:<method>.
+PAPER_METHODS = ("snapshot", "snapshot_lr0.1", "single", "nocycle", "single_cycle", "dropout")
+NOCYCLE_SNAPSHOTS = 6  # NoCycle Snapshot Ensemble: 6 snapshots equally spaced along the single-model schedule.
+DROPOUT_MODELS = ("wrn", "densenet")  # Model families of the paper's Dropout rows (ResNets have no dropout).
+
+
+def apply_method(c: ml_collections.ConfigDict, method: str | None) -> ml_collections.ConfigDict:
+  """Turns a Snapshot Ensemble config into the same budget's Table 1 `method` (in place); returns it.
+
+  Every method keeps the config's budget (epochs, batch size, model, data); only these fields change:
+    snapshot (default, also None): the config as it is (alpha0 = init_lr, 0.2 on every Table 1 row).
+    snapshot_lr0.1: the Snapshot Ensemble with alpha0 = 0.1.
+    single: the single model: step schedule 0.1 -> 0.01 at 50% -> 0.001 at 75%, one snapshot at the end.
+    nocycle: the same step schedule with NOCYCLE_SNAPSHOTS snapshots equally spaced (NoCycle Snapshot Ensemble).
+    single_cycle: SingleCycle Ensembles: M fresh models, one cosine cycle each, at the config's alpha0.
+    dropout: the single model with dropout p = 0.2 (WRN and DenseNet models only).
+
+  Raises:
+    ConfigError: `method` is not one of PAPER_METHODS, or dropout for a model without dropout.
+  """
+  method = method or "snapshot"
+  if method not in PAPER_METHODS:
+    raise ConfigError(f"config argument {method!r} is not a Table 1 method; allowed: {', '.join(PAPER_METHODS)} "
+                      f"(e.g. --config configs/cifar10_wrn32_4.py:single_cycle)")
+  if method == "dropout" and not c.model.startswith(DROPOUT_MODELS):
+    raise ConfigError(f"method 'dropout' needs a model with dropout (the paper's WRN and DenseNet rows); "
+                      f"model={c.model!r} has none; allowed methods for it: "
+                      f"{', '.join(m for m in PAPER_METHODS if m != 'dropout')}")
+  if method == "snapshot_lr0.1":
+    c.init_lr = 0.1
+  elif method in ("single", "nocycle", "dropout"):
+    c.schedule, c.init_lr = "step", 0.1
+    c.num_cycles = NOCYCLE_SNAPSHOTS if method == "nocycle" else 1
+    if method == "dropout":
+      c.dropout_rate = 0.2
+  elif method == "single_cycle":
+    c.method = "single_cycle"
+  return c

@@ -1,0 +1,14 @@
+"""Issue 9's study (scripts/study.py): every Table 1 arm on real Fashion-MNIST, several seeds, one budget.
+
+One job per module, each importing only from the ones above it:
+
+    plan     the arms, seeds and budget; each training run and evaluation, its command, what it needs, its status
+    stats    paired per-seed statistics, the verdicts and their sentences (pure functions of a results dict)
+    runner   running one step (train.py / eval.py, or in this process), the state file, the sequential and
+             --jobs N schedulers
+    results  the eval reports of the finished steps read into the results dict the page is written from
+    page     the markdown page, its JSON and figures
+
+It runs from a checkout: the commands are train.py and eval.py in the repository root, and the arms come from
+configs/study_fashion_mnist.py (the root on sys.path, as scripts/study.py puts it).
+"""
