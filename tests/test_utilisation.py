@@ -1,11 +1,14 @@
 """Utilisation: FLOPs per update from XLA's cost analysis against independent counts, the peak table, MFU, the line."""
+import logging
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from snapjax import config as config_lib, experiment, utilisation
+from snapjax import config as config_lib, experiment, members, train_step, training, utilisation
 from snapjax.errors import ConfigError
 
 from helpers import tiny_config
@@ -37,6 +40,50 @@ def test_a_fori_loop_counts_its_body_once_whatever_the_trip_count():
     looped = jax.jit(lambda w, n: jax.lax.fori_loop(0, n, lambda i, w: body(w), w))
     assert utilisation.cost_flops(looped.lower(w, jnp.int32(trips)).compile()) == pytest.approx(one, rel=1e-4)
   assert one >= 2 * M * K * K
+
+
+def _flops_of_update(source, step_fn, state):
+  update = source.compile(step_fn)
+  assert update.flops_per_step is None  # Read when the first call compiles the program.
+  update(state, 0, 1)
+  return update.flops_per_step
+
+
+@pytest.mark.devices(4)
+def test_flops_of_a_dispatch_of_updates_equal_the_single_step_programs(tiny_data):
+  """The K-step program (a fori_loop over the update) against the one-step program, an independent code path."""
+  c = tiny_config(tiny_data)
+  exp = experiment.build(c)
+  arrays = exp.load_split("train")
+  plan = train_step.make_plan(c, len(arrays[1]))
+  schedule = train_step.make_schedule(c, plan.total_steps)
+  tx = train_step.make_optimizer(c, schedule)
+  key = jax.random.key(0)
+  step_fn = train_step.make_train_step(exp.model, tx, schedule, key, num_shards=4)
+  init = jax.jit(lambda k: train_step.init_state(exp, tx, k), out_shardings=exp.replicated)
+  flops = {k: _flops_of_update(train_step.InMemoryBatches(exp, arrays, plan, key, key, k), step_fn, init(key))
+           for k in (1, 4)}
+  assert flops[1] > 1e6 and flops[4] == pytest.approx(flops[1], rel=0.01), flops
+
+
+@pytest.mark.devices(4)
+def test_member_flops_count_every_member_under_each_strategy(tiny_data):
+  """K = 2 members in one device group: lax.map's loop is counted once by XLA and multiplied back (repeats)."""
+  flops = {}
+  for strategy in ("loop", "map"):
+    c = tiny_config(tiny_data, num_members=2, member_groups=1, member_strategy=strategy, steps_per_dispatch=1)
+    exp = experiment.build(c)
+    arrays = exp.load_split("train")
+    plan = train_step.make_plan(c, len(arrays[1]))
+    schedule = train_step.make_schedule(c, plan.total_steps)
+    tx = train_step.make_optimizer(c, schedule)
+    mp = members.make_member_plan(c, plan, 4)
+    mesh = members.member_mesh(mp.groups)
+    keys = members.member_keys(mp)
+    source = members.MemberBatches(exp, mesh, arrays, plan, mp, keys, 1)
+    make_step = lambda k: train_step.make_train_step(exp.model, tx, schedule, k, num_shards=4)
+    flops[strategy] = _flops_of_update(source, make_step, members.make_init(exp, tx, mp, mesh)(keys["init"]))
+  assert flops["map"] == pytest.approx(flops["loop"], rel=0.05), flops
 
 
 def test_mfu_is_achieved_over_peak_times_devices():
@@ -75,3 +122,20 @@ def test_peak_flops_is_validated(tiny_data, value):
     config_lib.validate(c, 4)
   assert "\n" not in str(e.value)
   assert "peak_flops" in config_lib.MUTABLE_ON_RESUME  # It changes no result: a resumed run may set it.
+
+
+@pytest.mark.devices(4)
+def test_a_runs_progress_lines_show_tflops_and_mfu(tiny_data, tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  training.train_and_evaluate(tiny_config(tiny_data, num_epochs=1.0, num_cycles=1, eval_snapshots=False),
+                              str(tmp_path / "a"))
+  lines = [r.getMessage() for r in caplog.records if re.match(r"step \d+/16 ", r.getMessage())]
+  assert len(lines) == 2, lines  # Steps 8 and 16.
+  for line in lines:
+    assert re.search(r" img/s [0-9.e+-]+ TFLOP/s MFU n/a \(peak unknown: set --config\.peak_flops\) ETA ", line), line
+  assert any(r.getMessage().startswith("Utilisation: ") and "GFLOP per step" in r.getMessage() for r in caplog.records)
+  caplog.clear()
+  training.train_and_evaluate(tiny_config(tiny_data, num_epochs=1.0, num_cycles=1, eval_snapshots=False,
+                                          peak_flops=1e9), str(tmp_path / "b"))
+  lines = [r.getMessage() for r in caplog.records if re.match(r"step \d+/16 ", r.getMessage())]
+  assert lines and all(re.search(r" TFLOP/s MFU [0-9.]+% ETA ", line) for line in lines), lines
