@@ -292,7 +292,6 @@ class MemberBatches:
     self._ends = jax.device_put(np.asarray(mp.ends, np.int32), sharding)
     self._dtype = exp.compute_dtype
     self._perms, self._perm_epochs = None, None
-    self._canonical_convs = mesh.devices.flat[0].platform == "cpu"  # See snapjax/dispatch.py.
     self.steps_per_dispatch = steps_per_dispatch
     self.stacked = steps_per_dispatch > 1
 
@@ -313,7 +312,8 @@ class MemberBatches:
     counts every member's update (under lax.map XLA counts one member of each group: utilisation.update_flops).
     """
     batch_fn, dtype, mp, mesh, k = self._batch_fn, self._dtype, self._mp, self._mesh, self.steps_per_dispatch
-    canonical = dispatch.canonical_convolutions if k > 1 and self._canonical_convs else (lambda f: f)
+    # In a loop body, convolutions as XLA:CPU's top level has them, where the program is lowered for CPU only.
+    canonical = dispatch.canonical_convolutions_on_cpu if k > 1 else (lambda f: f)
 
     def group(state_m, x_m, y_m, dropout_keys_m, ends_m):
       def one(args):

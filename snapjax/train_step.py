@@ -313,8 +313,6 @@ class InMemoryBatches:
     self._dtype = exp.compute_dtype
     self._replicated = exp.replicated
     self._num_devices = n
-    # XLA:CPU compiles convolutions in a loop body unlike those at the top level (see snapjax/dispatch.py).
-    self._canonical_convs = exp.mesh.devices.flat[0].platform == "cpu"
     self.steps_per_dispatch = steps_per_dispatch
     self.period = plan.steps_per_epoch
 
@@ -340,7 +338,9 @@ class InMemoryBatches:
 
       return AotUpdate(jax.jit(train_step, donate_argnums=(0,)), args, 1, self._num_devices)
 
-    body = dispatch.canonical_convolutions(train_step) if self._canonical_convs else train_step
+    # XLA:CPU compiles convolutions in a loop body unlike those at the top level: on CPU (resolved when the program
+    # is lowered, so an accelerator program never holds it) the body's are rewritten first (snapjax/dispatch.py).
+    body = dispatch.canonical_convolutions_on_cpu(train_step)
 
     def train_steps(state, images, labels, perm, num_steps):
       return dispatch.run_steps(body, k, state, images, labels, perm, num_steps=num_steps)
