@@ -5,13 +5,14 @@ import re
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from snapjax import config as config_lib, experiment, members, train_step, training, utilisation
+from snapjax import config as config_lib, evaluation, experiment, members, progress, train_step, training, utilisation
 from snapjax.errors import ConfigError
 
-from helpers import tiny_config
+from helpers import tiny_config, train_parts
 
 M, K, N = 64, 96, 40  # A dense layer (M, K) @ (K, N): 2 * M * N * K FLOPs.
 
@@ -52,12 +53,7 @@ def _flops_of_update(source, step_fn, state):
 @pytest.mark.devices(4)
 def test_flops_of_a_dispatch_of_updates_equal_the_single_step_programs(tiny_data):
   """The K-step program (a fori_loop over the update) against the one-step program, an independent code path."""
-  c = tiny_config(tiny_data)
-  exp = experiment.build(c)
-  arrays = exp.load_split("train")
-  plan = train_step.make_plan(c, len(arrays[1]))
-  schedule = train_step.make_schedule(c, plan.total_steps)
-  tx = train_step.make_optimizer(c, schedule)
+  exp, arrays, plan, schedule, tx = train_parts(tiny_config(tiny_data))
   key = jax.random.key(0)
   step_fn = train_step.make_train_step(exp.model, tx, schedule, key, num_shards=4)
   init = jax.jit(lambda k: train_step.init_state(exp, tx, k), out_shardings=exp.replicated)
@@ -72,11 +68,7 @@ def test_member_flops_count_every_member_under_each_strategy(tiny_data):
   flops = {}
   for strategy in ("loop", "map"):
     c = tiny_config(tiny_data, num_members=2, member_groups=1, member_strategy=strategy, steps_per_dispatch=1)
-    exp = experiment.build(c)
-    arrays = exp.load_split("train")
-    plan = train_step.make_plan(c, len(arrays[1]))
-    schedule = train_step.make_schedule(c, plan.total_steps)
-    tx = train_step.make_optimizer(c, schedule)
+    exp, arrays, plan, schedule, tx = train_parts(c)
     mp = members.make_member_plan(c, plan, 4)
     mesh = members.member_mesh(mp.groups)
     keys = members.member_keys(mp)
@@ -124,8 +116,18 @@ def test_peak_flops_is_validated(tiny_data, value):
   assert "peak_flops" in config_lib.MUTABLE_ON_RESUME  # It changes no result: a resumed run may set it.
 
 
+def test_throughput_leaves_out_the_first_batch():
+  batches = progress.Throughput([np.zeros((5, 2)), np.zeros((5, 2)), np.zeros((3, 2))], size=len)
+  assert [len(b) for b in batches] == [5, 5, 3] and (batches.batches, batches.items) == (3, 13)
+  rate, with_first = batches.rate()
+  assert rate > 0 and not with_first
+  one = progress.Throughput([np.zeros((5, 2))], size=len)
+  list(one)
+  assert one.rate()[1]  # A pass of one batch includes it.
+
+
 @pytest.mark.devices(4)
-def test_a_runs_progress_lines_show_tflops_and_mfu(tiny_data, tmp_path, caplog):
+def test_progress_lines_show_tflops_and_mfu_and_eval_its_images_per_s(tiny_data, tmp_path, caplog):
   caplog.set_level(logging.INFO)
   training.train_and_evaluate(tiny_config(tiny_data, num_epochs=1.0, num_cycles=1, eval_snapshots=False),
                               str(tmp_path / "a"))
@@ -134,6 +136,11 @@ def test_a_runs_progress_lines_show_tflops_and_mfu(tiny_data, tmp_path, caplog):
   for line in lines:
     assert re.search(r" img/s [0-9.e+-]+ TFLOP/s MFU n/a \(peak unknown: set --config\.peak_flops\) ETA ", line), line
   assert any(r.getMessage().startswith("Utilisation: ") and "GFLOP per step" in r.getMessage() for r in caplog.records)
+  caplog.clear()
+  evaluation.evaluate_runs([str(tmp_path / "a")], plot=False)  # eval.py's test pass: 203 images, batches of 64.
+  passes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Test pass: ")]
+  assert len(passes) == 1 and re.match(r"Test pass: 1 snapshots x 256 images in 4 batches: \d+ images/s, \d+ snapshot "
+                                       r"evaluations/s \(after the first batch, which compiles\)$", passes[0]), passes
   caplog.clear()
   training.train_and_evaluate(tiny_config(tiny_data, num_epochs=1.0, num_cycles=1, eval_snapshots=False,
                                           peak_flops=1e9), str(tmp_path / "b"))
