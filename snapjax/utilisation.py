@@ -34,9 +34,9 @@ PEAK_FLOPS: tuple[tuple[str, Peak], ...] = (
     # NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): SXM BF16 1,979 / TF32 989 TFLOPS with sparsity;
     # PCIe 1,513 / 756. device_kind of the SXM part: "NVIDIA H100 80GB HBM3".
     (r"H100 PCIe", Peak("H100 PCIe", 756e12, 378e12)),
-    (r"H100 (SXM|80GB HBM3)", Peak("H100 SXM", 989e12, 494e12)),
+    (r"H100 (SXM|80GB HBM3)", Peak("H100 SXM", 989e12, 495e12)),
     # NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): SXM BF16 1,979 / TF32 989 with sparsity.
-    (r"H200(?! NVL)", Peak("H200 SXM", 989e12, 494e12)),
+    (r"H200(?! NVL)", Peak("H200 SXM", 989e12, 495e12)),
     # NVIDIA A100 datasheet (nvidia.com/en-us/data-center/a100): BF16 312, TF32 156 (SXM4 and PCIe alike).
     (r"A100", Peak("A100", 312e12, 156e12)),
     # NVIDIA V100 datasheet (images.nvidia.com/.../volta-v100-datasheet): FP32 15.7 (SXM2), 14 (PCIe), 16.4 (V100S);
@@ -72,15 +72,20 @@ def device_peak(device_kind: str, dtype: str, configured: float = 0.0) -> float 
   return None if peak is None else getattr(peak, dtype)
 
 
-def cost_flops(compiled: Any) -> float | None:
-  """XLA's FLOPs of one device's compiled program (`compiled.cost_analysis()`), None where it reports none."""
+def cost_analysis(compiled: Any) -> dict[str, float]:
+  """`compiled.cost_analysis()` of one device's program as one dict ({} where the backend reports nothing)."""
   try:
     cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  # Some backends do not implement it; FLOPs are then unknown.
-    return None
+  except Exception:  # pylint: disable=broad-except  # Some backends do not implement it; the costs are then unknown.
+    return {}
   if isinstance(cost, (list, tuple)):  # Older jax: one dict per program.
     cost = cost[0] if cost else None
-  flops = cost.get("flops") if isinstance(cost, dict) else None
+  return dict(cost) if isinstance(cost, dict) else {}
+
+
+def cost_flops(compiled: Any) -> float | None:
+  """XLA's FLOPs of one device's compiled program, None where it reports none."""
+  flops = cost_analysis(compiled).get("flops")
   return float(flops) if flops is not None and math.isfinite(flops) and flops > 0 else None
 
 

@@ -90,7 +90,7 @@ def test_mfu_is_achieved_over_peak_times_devices():
 
 
 @pytest.mark.parametrize("kind, bf16, f32", [
-    ("NVIDIA H100 80GB HBM3", 989e12, 494e12), ("NVIDIA H100 PCIe", 756e12, 378e12), ("NVIDIA H200", 989e12, 494e12),
+    ("NVIDIA H100 80GB HBM3", 989e12, 495e12), ("NVIDIA H100 PCIe", 756e12, 378e12), ("NVIDIA H200", 989e12, 495e12),
     ("NVIDIA A100-SXM4-40GB", 312e12, 156e12), ("NVIDIA A100 80GB PCIe", 312e12, 156e12),
     ("Tesla V100-SXM2-16GB", 15.7e12, 15.7e12), ("Tesla V100-PCIE-32GB", 14e12, 14e12), ("NVIDIA L4", 121e12, 60e12),
     ("TPU v4", 275e12, 275e12), ("TPU v5 lite", 197e12, 197e12), ("TPU v5e", 197e12, 197e12),
