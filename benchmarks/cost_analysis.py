@@ -11,7 +11,8 @@ XLA's own convolution VJP (snapjax.models.conv "xla", what a GPU or TPU runs) an
 cannot be lowered here, so: the FLOPs are a property of the program and hold on any hardware; the bytes are an
 estimate (another backend fuses differently).
 
-Roofline: images/s <= batch / max(FLOPs / peak FLOP/s, bytes / memory bandwidth). Peaks (dense):
+Roofline: images/s <= batch / max(FLOPs / peak FLOP/s, bytes / memory bandwidth). Peaks (dense) are the library's
+(snapjax.utilisation.PEAK_FLOPS, what the training loop's MFU divides by), the FLOPs its cost analysis:
   H100 SXM: 989 TFLOP/s bf16; float32 rows use TF32, 495 TFLOP/s (JAX's default precision runs float32
     convolutions and matmuls on GPU tensor cores in TF32; at precision HIGHEST the bound is 67 TFLOP/s); 3.35 TB/s.
   TPU v5e: 197 TFLOP/s bf16 (float32 rows too: default precision is one bf16 pass on the MXU); 819 GB/s.
@@ -28,13 +29,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from snapjax import config as config_lib, models, train_step  # noqa: E402
+from snapjax import config as config_lib, models, train_step, utilisation  # noqa: E402
 from snapjax.models import conv as conv_lib  # noqa: E402
 
-# Peak dense FLOP/s per dtype and memory bandwidth in bytes/s.
+
+def _peaks(device_kind: str) -> dict[str, float]:
+  return {dtype: utilisation.device_peak(device_kind, dtype) for dtype in ("bfloat16", "float32")}
+
+
+# Peak dense FLOP/s per dtype (the library's table, by each device's device_kind) and memory bandwidth in bytes/s
+# (H100 SXM and TPU v5e datasheets).
 HARDWARE = {
-    "H100": ({"bfloat16": 989e12, "float32": 495e12}, 3.35e12),
-    "TPU v5e": ({"bfloat16": 197e12, "float32": 197e12}, 819e9),
+    "H100": (_peaks("NVIDIA H100 80GB HBM3"), 3.35e12),
+    "TPU v5e": (_peaks("TPU v5 lite"), 819e9),
 }
 
 
@@ -154,9 +161,9 @@ def config_step_cost(c, image_shape: tuple[int, int, int], num_classes: int) -> 
   with conv_lib.using("xla"):
     lowered = jax.jit(lambda s, x, y: step_fn(s, x.astype(compute), y), donate_argnums=(0,)).lower(state, x, y)
   t0 = time.perf_counter()
-  cost = lowered.compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {"flops": float(cost["flops"]), "bytes": float(cost["bytes accessed"]), "compile_s": time.perf_counter() - t0}
+  compiled = lowered.compile()
+  return {"flops": utilisation.update_flops(compiled, num_devices=1),
+          "bytes": float(utilisation.cost_analysis(compiled)["bytes accessed"]), "compile_s": time.perf_counter() - t0}
 
 
 def bound(flops: float, nbytes: float, batch: int, hw: str, dtype: str) -> tuple[float, str]:

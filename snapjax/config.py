@@ -16,7 +16,7 @@ AUGMENTS = ("", "crop_flip", "none")
 # Fields that may change when a run resumes in its workdir: they do not change what is trained.
 MUTABLE_ON_RESUME = frozenset({
     "data_dir", "fashion_mnist_dir", "tiny_imagenet_dir", "eval_batch_size", "log_every_steps",
-    "checkpoint_every_steps", "eval_snapshots", "steps_per_dispatch"})
+    "checkpoint_every_steps", "eval_snapshots", "steps_per_dispatch", "peak_flops"})
 # Fields that must agree between runs whose snapshots eval.py ensembles together (one architecture, one input).
 SAME_ACROSS_RUNS = ("model", "dataset", "dtype", "stem_stride", "image_size")
 
@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
   # every snapshot, save and log step, with the same results as K = 1; a preemption stops at the end of a dispatch.
   # 16 measured fastest on CPU and in a small model's regime (docs/performance.md, "Steps per dispatch").
   c.steps_per_dispatch = 16
+  # Peak FLOP/s of one device, for the MFU of the progress lines (achieved / (peak x devices)); 0 = look up
+  # jax.devices()[0].device_kind in snapjax.utilisation.PEAK_FLOPS (GPUs and TPUs; unknown on CPU).
+  c.peak_flops = 0.0
   return c
 
 
@@ -169,6 +172,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     v = config[name]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
       raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+  v = config.peak_flops
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+    raise ConfigError(f"peak_flops must be a finite number >= 0 (FLOP/s of one device, e.g. 989e12; 0 = look up the "
+                      f"device), got {v!r}")
   validate_members(config, num_devices)
   if not isinstance(config.weight_decay, (int, float)) or config.weight_decay < 0:
     raise ConfigError(f"weight_decay must be >= 0, got {config.weight_decay!r}")

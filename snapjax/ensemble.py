@@ -13,7 +13,8 @@ Strategies (how the m members are evaluated inside the one program):
     whatever m is, with one member's activations alive at a time. `chunk_size` vmaps that many members
     per step (`lax.map(..., batch_size=chunk_size)`), so it inherits "vmap"'s grouped convolutions.
   "loop": a Python-unrolled sum over the members inside the jit; compile time grows with m.
-  "auto": picked per backend (the platform of x's devices, else `jax.default_backend()`):
+  "auto": picked per platform (AUTO_STRATEGY) when the program is lowered (`jax.lax.platform_dependent`, one
+    branch per distinct strategy: a program lowered for CUDA or TPU on a CPU machine runs their strategy):
     cpu -> "map". It kept up with the baseline of calling a jitted single model m times in every
       run, at every batch size tried; "loop" fell behind it at a small batch and compiles longer;
       "vmap" and chunked "map" were several times slower.
@@ -39,7 +40,7 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, Any], jax.Array]
 
 STRATEGIES = ("auto", "vmap", "map", "loop")
-_AUTO_STRATEGY = {"cpu": "map", "gpu": "map", "cuda": "map", "rocm": "map", "tpu": "map"}
+AUTO_STRATEGY = {"cpu": "map", "gpu": "map", "cuda": "map", "rocm": "map", "tpu": "map"}  # What "auto" runs.
 _NLL_EPS = 1e-12
 
 
@@ -157,9 +158,10 @@ def _platform(x: Any) -> str:
 def resolve_strategy(strategy: str, x: Any = None) -> str:
   """Returns the concrete strategy that `ensemble_predict` runs for ``strategy`` and input ``x``.
 
-  ``"vmap"``, ``"map"`` and ``"loop"`` are returned as given; ``"auto"`` becomes ``"map"`` on every
-  backend (the platform of the first concrete ``jax.Array`` in ``x``, else ``jax.default_backend()``);
-  the module docstring gives the reasons.
+  ``"vmap"``, ``"map"`` and ``"loop"`` are returned as given; ``"auto"`` becomes the strategy of the platform
+  of the first concrete ``jax.Array`` in ``x`` (else ``jax.default_backend()``): ``"map"`` on every backend,
+  the module docstring gives the reasons. (`ensemble_predict` itself resolves ``"auto"`` when its program is
+  lowered, for the platform it is lowered for.)
 
   Args:
     strategy: One of ``"auto"``, ``"vmap"``, ``"map"``, ``"loop"``.
@@ -183,7 +185,7 @@ def resolve_strategy(strategy: str, x: Any = None) -> str:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
   if strategy != "auto":
     return strategy
-  return _AUTO_STRATEGY.get(_platform(x), "map")
+  return AUTO_STRATEGY.get(_platform(x), "map")
 
 
 def _member_probs(apply_fn: ApplyFn, variables: PyTree, x: Any) -> jax.Array:
@@ -194,11 +196,26 @@ def _member_probs(apply_fn: ApplyFn, variables: PyTree, x: Any) -> jax.Array:
   return jax.nn.softmax(jnp.asarray(logits_BxC).astype(jnp.float32), axis=-1)
 
 
+def _per_platform(run: Callable[[str], Callable[..., Any]], *args: Any) -> Any:
+  """run(strategy)(*args) for the strategy AUTO_STRATEGY gives the platform the program is lowered for."""
+  branches = {s: run(s) for s in sorted(set(AUTO_STRATEGY.values()))}
+  if len(branches) == 1:  # The same on every platform: no conditional.
+    return next(iter(branches.values()))(*args)
+  per_platform = {p: branches[s] for p, s in AUTO_STRATEGY.items() if p != "gpu"}  # "gpu": cuda and rocm.
+  return jax.lax.platform_dependent(*args, default=branches["map"], **per_platform)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "last_m", "strategy", "chunk_size", "return_members"))
 def _ensemble(apply_fn, stacked, x, *, last_m, strategy, chunk_size, return_members):
   """The compiled ensemble: slice to the last m snapshots, average their softmaxes."""
   num = num_members(stacked)
   last = jax.tree.map(lambda a: a[num - last_m:], stacked)
+  run = lambda s: functools.partial(_members_mean, apply_fn, last_m=last_m, strategy=s, chunk_size=chunk_size,
+                                    return_members=return_members)
+  return _per_platform(run, last, x) if strategy == "auto" else run(strategy)(last, x)
+
+
+def _members_mean(apply_fn, last, x, *, last_m, strategy, chunk_size, return_members):
   probs_fn = functools.partial(_member_probs, apply_fn, x=x)
   if strategy == "vmap":
     probs_MxBxC = jax.vmap(lambda v: probs_fn(v))(last)
@@ -239,7 +256,8 @@ def _ensemble_sharded(apply_fn, stacked, x, *, last_m, strategy, return_members,
     index_N = jax.lax.axis_index(axis) * n + jnp.arange(n)
     weight_N = (index_N >= num - last_m).astype(jnp.float32)
     fn = lambda v: _member_probs(apply_fn, v, x)
-    probs_NxBxC = jax.vmap(fn)(local) if strategy == "vmap" else jax.lax.map(fn, local)
+    run = lambda s: jax.vmap(fn) if s == "vmap" else functools.partial(jax.lax.map, fn)  # "loop" runs "map" here.
+    probs_NxBxC = _per_platform(run, local) if strategy == "auto" else run(strategy)(local)
     mean_BxC = jax.lax.psum(jnp.einsum("n,nbc->bc", weight_N, probs_NxBxC), axis) / last_m
     return mean_BxC, probs_NxBxC
 
@@ -310,7 +328,7 @@ def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int 
     hash(apply_fn)
   except TypeError:
     raise ValueError(f"apply_fn must be hashable (it keys the compile cache), got {apply_fn!r}") from None
-  strategy = resolve_strategy(strategy, x)
+  resolve_strategy(strategy)  # Checks the name; "auto" is resolved when the program is lowered, per platform.
   num = num_members(stacked)
   if last_m is None:
     last_m = num
@@ -319,7 +337,7 @@ def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int 
   if chunk_size is not None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
       raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    if strategy != "map":
+    if strategy not in ("map", "auto"):
       chunk_size = None  # Only "map" batches members; "vmap" does all at once, "loop" one at a time.
     else:
       chunk_size = min(int(chunk_size), int(last_m))

@@ -9,12 +9,13 @@ import json
 import os
 from typing import Any, Iterator
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
 import snapjax
-from snapjax import analysis, checkpoints, data, ensemble, experiment, export, report as report_lib, scoring
+from snapjax import analysis, checkpoints, data, ensemble, experiment, export, progress, report as report_lib, scoring
 from snapjax import weight_analyses
 from snapjax import config as config_lib, workdir as workdir_lib
 from snapjax.errors import CheckpointError, ConfigError
@@ -213,6 +214,16 @@ def export_run(path: str, exp: experiment.Experiment, stacked: Any, steps: list[
   return meta
 
 
+def log_throughput(batches: progress.Throughput, num: int) -> None:
+  """The test pass's images/s (each image through every snapshot; the last batch's padding counts), after the first
+  batch and its compilation where there are more (host 0)."""
+  rate, with_first = batches.rate()
+  if jax.process_index() == 0:
+    logging.info("Test pass: %d snapshots x %d images in %d batches: %.0f images/s, %.0f snapshot evaluations/s (%s)",
+                 num, batches.items, batches.batches, rate, rate * num,
+                 "one batch: compilation included" if with_first else "after the first batch, which compiles")
+
+
 def _finite(values: Any) -> Any:
   """Nested lists of floats for JSON, nan (an empty bin, a constant softmax) as None."""
   return [_finite(v) for v in values] if np.ndim(values) else (None if np.isnan(values) else float(values))
@@ -323,8 +334,9 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   stacked = ensemble.stack_snapshots([m.variables for m in members])
   del members[:]  # Only the stack is kept in device memory.
 
-  scores = scoring.score_snapshots(exp.apply_fn, stacked, exp.test_batches(eval_batch_size, test_arrays),
-                                   groups=member_score_groups(groups, finals))
+  batches = progress.Throughput(exp.test_batches(eval_batch_size, test_arrays), size=lambda b: b[0].shape[0])
+  scores = scoring.score_snapshots(exp.apply_fn, stacked, batches, groups=member_score_groups(groups, finals))
+  log_throughput(batches, num)
   headline = scores.ensemble if last_m == num else scores.last_m[last_m - 1]
   report = {
       "dataset": config.dataset, "model": config.model, "workdirs": list(workdirs),

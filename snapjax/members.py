@@ -292,7 +292,6 @@ class MemberBatches:
     self._ends = jax.device_put(np.asarray(mp.ends, np.int32), sharding)
     self._dtype = exp.compute_dtype
     self._perms, self._perm_epochs = None, None
-    self._canonical_convs = mesh.devices.flat[0].platform == "cpu"  # See snapjax/dispatch.py.
     self.steps_per_dispatch = steps_per_dispatch
     self.stacked = steps_per_dispatch > 1
 
@@ -305,14 +304,16 @@ class MemberBatches:
       self._perm_epochs = epochs
     return self._perms
 
-  def compile(self, make_step: Callable[[jax.Array], train_step.StepFn]) -> Callable[..., tuple[PyTree, PyTree]]:
+  def compile(self, make_step: Callable[[jax.Array], train_step.StepFn]) -> train_step.AotUpdate:
     """The jitted update of every member: update(state_J, done, n) -> (state_J, metrics_J), n loop steps.
 
     make_step(dropout_key) -> the 1-member step function of one member (traced once per group program).
-    metrics_J: one value per member, or (steps_per_dispatch > 1) one row of them per loop step.
+    metrics_J: one value per member, or (steps_per_dispatch > 1) one row of them per loop step. Its flops_per_step
+    counts every member's update (under lax.map XLA counts one member of each group: utilisation.update_flops).
     """
     batch_fn, dtype, mp, mesh, k = self._batch_fn, self._dtype, self._mp, self._mesh, self.steps_per_dispatch
-    canonical = dispatch.canonical_convolutions if k > 1 and self._canonical_convs else (lambda f: f)
+    # In a loop body, convolutions as XLA:CPU's top level has them, where the program is lowered for CPU only.
+    canonical = dispatch.canonical_convolutions_on_cpu if k > 1 else (lambda f: f)
 
     def group(state_m, x_m, y_m, dropout_keys_m, ends_m):
       def one(args):
@@ -342,21 +343,20 @@ class MemberBatches:
       # The (J,) metrics replicated: every host reads them (the loop checks and logs them).
       return state, jax.lax.with_sharding_constraint(metrics, NamedSharding(mesh, P()))
 
-    jitted = jax.jit(fused, donate_argnums=(0,))
     counts = {}  # n -> the count on the devices, made once.
 
-    def update(state, done: int, n: int = 1):
+    def args(state, done: int, n: int = 1):
       """n loop steps after `done` (every member's steps from the plan: no device sync)."""
       assert 1 <= n <= k, (n, k)
       perms = self.permutations([mp.global_step(j, done) for j in range(mp.size)])
       if k == 1:
-        return jitted(state, self._images, self._labels, self._keys, self._ends, perms)
+        return state, self._images, self._labels, self._keys, self._ends, perms
       if n not in counts:
         counts[n] = jax.device_put(np.int32(n), NamedSharding(mesh, P()))
-      return jitted(state, self._images, self._labels, self._keys, self._ends, perms, counts[n])
+      return state, self._images, self._labels, self._keys, self._ends, perms, counts[n]
 
-    update.steps_per_dispatch, update.stacked = k, self.stacked
-    return update
+    return train_step.AotUpdate(jax.jit(fused, donate_argnums=(0,)), args, k, mesh.devices.size,
+                                repeats=mp.size // mp.groups if mp.strategy == "map" else 1)
 
 
 def replicate(tree: PyTree, mesh) -> PyTree:

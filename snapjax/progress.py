@@ -1,5 +1,7 @@
-"""Progress and ETA, one place for every long job: the training loop's rate and the analyses' batch counter."""
+"""Progress and ETA, one place for every long job: the training loop's rate, the analyses' batch counter, and the
+throughput of a pass over batches (eval.py's scoring)."""
 import time
+from typing import Any, Callable, Iterable, Iterator
 
 from absl import logging
 import jax
@@ -56,3 +58,32 @@ class BatchProgress:
                    100 * done / self.total, duration(elapsed), duration(eta))
     else:
       logging.info("%s: %d batches, %s elapsed", self.what, done, duration(elapsed))
+
+
+class Throughput:
+  """Passes an iterable's batches through and times their consumer: items per second after the first batch.
+
+  The first batch's time (its programs compile) is left out where there are more; size(batch) -> its items (rows).
+  """
+
+  def __init__(self, batches: Iterable[Any], size: Callable[[Any], int]):
+    self._batches, self._size = batches, size
+    self.batches, self.items, self._items_after_first = 0, 0, 0
+    self._start = self._first_done = self._end = None
+
+  def __iter__(self) -> Iterator[Any]:
+    self._start = time.monotonic()
+    for batch in self._batches:
+      if self.batches == 1:
+        self._first_done = time.monotonic()  # The consumer asks for the second batch: the first is done.
+      n = self._size(batch)
+      yield batch
+      self.batches, self.items = self.batches + 1, self.items + n
+      self._items_after_first += n if self.batches > 1 else 0
+    self._end = time.monotonic()
+
+  def rate(self) -> tuple[float, bool]:
+    """(items per second, whether the first batch is included: a pass of one batch)."""
+    if self._first_done is not None:
+      return self._items_after_first / max(self._end - self._first_done, 1e-9), False
+    return self.items / max((self._end or time.monotonic()) - (self._start or time.monotonic()), 1e-9), True

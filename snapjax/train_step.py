@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from snapjax import data, dispatch, schedules, smoothout as smoothout_lib
+from snapjax import data, dispatch, schedules, smoothout as smoothout_lib, utilisation
 from snapjax.errors import ConfigError
 from snapjax.experiment import DATA_AXIS, Experiment, put_sharded
 
@@ -208,6 +208,39 @@ def smoothout_step(model, tx: optax.GradientTransformation, schedule: optax.Sche
   return step_fn
 
 
+class AotUpdate:
+  """A jitted update called as update(state, step, n), compiled ahead of time by its first call.
+
+  The first call lowers and compiles the program for its arguments (the compiled executable is the one every call
+  then runs: nothing compiles twice) and reads XLA's cost analysis once: `flops_per_step`, the FLOPs of one update of
+  every device (snapjax/utilisation.py; None until then, or where XLA reports none). `lower(state, step, n,
+  platforms)` lowers the same program without compiling it, for any platform ("cpu", "cuda", "tpu"): how the
+  accelerator programs are checked from a CPU machine.
+
+  args(state, step, n) -> the jitted function's arguments. repeats: see utilisation.update_flops.
+  """
+
+  def __init__(self, jitted, args: Callable[..., tuple], steps_per_dispatch: int, num_devices: int,
+               repeats: int = 1):
+    self._jitted, self._args, self._num_devices, self._repeats = jitted, args, num_devices, repeats
+    self.steps_per_dispatch, self.stacked = steps_per_dispatch, steps_per_dispatch > 1
+    self.flops_per_step: float | None = None
+    self._compiled = False
+
+  def lower(self, state: PyTree, step: int | None = None, n: int = 1,
+            platforms: tuple[str, ...] | None = None) -> jax.stages.Lowered:
+    """The program of update(state, step, n) lowered for `platforms` (default: the devices'), not compiled."""
+    return self._jitted.trace(*self._args(state, step, n)).lower(lowering_platforms=platforms)
+
+  def __call__(self, state: PyTree, step: int | None = None, n: int = 1) -> tuple[PyTree, dict[str, jax.Array]]:
+    args = self._args(state, step, n)
+    if not self._compiled:
+      compiled = self._jitted.trace(*args).lower().compile()
+      self.flops_per_step = utilisation.update_flops(compiled, self._num_devices, self._repeats)
+      self._compiled = True
+    return self._jitted(*args)
+
+
 class BatchSource(Protocol):
   """Where the training batches come from; the loop only calls the compiled update.
 
@@ -217,7 +250,7 @@ class BatchSource(Protocol):
   steps_per_dispatch: int
   period: int | None
 
-  def compile(self, step_fn: StepFn) -> Callable[..., tuple[PyTree, dict[str, jax.Array]]]:
+  def compile(self, step_fn: StepFn) -> AotUpdate:
     """The jitted update(state, step, n) -> (state, metrics): n updates from update `step` (== state["step"]).
 
     metrics: each value a scalar (one update per call) or stacked along a leading axis of steps_per_dispatch
@@ -279,8 +312,7 @@ class InMemoryBatches:
     self._plan = plan
     self._dtype = exp.compute_dtype
     self._replicated = exp.replicated
-    # XLA:CPU compiles convolutions in a loop body unlike those at the top level (see snapjax/dispatch.py).
-    self._canonical_convs = exp.mesh.devices.flat[0].platform == "cpu"
+    self._num_devices = n
     self.steps_per_dispatch = steps_per_dispatch
     self.period = plan.steps_per_epoch
 
@@ -291,7 +323,7 @@ class InMemoryBatches:
       self._perm, self._perm_epoch = self._perm_fn(np.int32(epoch)), epoch
     return self._perm
 
-  def compile(self, step_fn: StepFn):
+  def compile(self, step_fn: StepFn) -> AotUpdate:
     batch_fn, dtype, k = self._batch_fn, self._dtype, self.steps_per_dispatch
 
     def train_step(state, images, labels, perm):
@@ -299,31 +331,30 @@ class InMemoryBatches:
       return step_fn(state, x.astype(dtype), y)
 
     if k == 1:
-      jitted = jax.jit(train_step, donate_argnums=(0,))
-
-      def update(state, step=None, n=1):
+      def args(state, step=None, n=1):
         assert n == 1, n
         step = int(jax.device_get(state["step"])) if step is None else step
-        return jitted(state, self._images, self._labels, self.permutation(step))
+        return state, self._images, self._labels, self.permutation(step)
 
-      return update
+      return AotUpdate(jax.jit(train_step, donate_argnums=(0,)), args, 1, self._num_devices)
 
-    body = dispatch.canonical_convolutions(train_step) if self._canonical_convs else train_step
+    # XLA:CPU compiles convolutions in a loop body unlike those at the top level: on CPU (resolved when the program
+    # is lowered, so an accelerator program never holds it) the body's are rewritten first (snapjax/dispatch.py).
+    body = dispatch.canonical_convolutions_on_cpu(train_step)
 
     def train_steps(state, images, labels, perm, num_steps):
       return dispatch.run_steps(body, k, state, images, labels, perm, num_steps=num_steps)
 
-    jitted = jax.jit(train_steps, donate_argnums=(0,))
     counts = {}  # n -> the count on the devices, made once (a host scalar would be copied at every call).
 
-    def update(state, step=None, n=1):
+    def args(state, step=None, n=1):
       assert 1 <= n <= k, (n, k)
       step = int(jax.device_get(state["step"])) if step is None else step
       if n not in counts:
         counts[n] = jax.device_put(np.int32(n), self._replicated)
-      return jitted(state, self._images, self._labels, self.permutation(step), counts[n])
+      return state, self._images, self._labels, self.permutation(step), counts[n]
 
-    return update
+    return AotUpdate(jax.jit(train_steps, donate_argnums=(0,)), args, k, self._num_devices)
 
 
 class StreamedBatches:
@@ -338,20 +369,19 @@ class StreamedBatches:
     self._stream = stream
     self._sharding = NamedSharding(exp.mesh, P(DATA_AXIS))
     self._dtype = exp.compute_dtype
+    self._num_devices = exp.mesh.devices.size
 
-  def compile(self, step_fn: StepFn):
+  def compile(self, step_fn: StepFn) -> AotUpdate:
     dtype = self._dtype
 
     def train_step(state, x, y):
       return step_fn(state, x.astype(dtype), y)
 
-    jitted = jax.jit(train_step, donate_argnums=(0,))
-
-    def update(state, step=None, n=1):
+    def args(state, step=None, n=1):
       del step
       assert n == 1, n
       b = next(self._stream)
-      return jitted(state, jax.make_array_from_process_local_data(self._sharding, b["image"]),
-                    jax.make_array_from_process_local_data(self._sharding, b["label"]))
+      return (state, jax.make_array_from_process_local_data(self._sharding, b["image"]),
+              jax.make_array_from_process_local_data(self._sharding, b["label"]))
 
-    return update
+    return AotUpdate(jax.jit(train_step, donate_argnums=(0,)), args, 1, self._num_devices)

@@ -47,6 +47,16 @@ def tiny_config(data_dir, **overrides):
   return c
 
 
+def train_parts(config):
+  """(experiment, training arrays, plan, schedule, optimiser) of a config, as a run's set-up makes them (no workdir)."""
+  from snapjax import experiment, train_step
+  exp = experiment.build(config)
+  arrays = exp.load_split(exp.spec.train_split)
+  plan = train_step.make_plan(config, len(arrays[1]))
+  schedule = train_step.make_schedule(config, plan.total_steps)
+  return exp, arrays, plan, schedule, train_step.make_optimizer(config, schedule)
+
+
 # Subprocess runs (train.py, eval.py, tests/multihost_worker.py) for the CLI, fault and multi-host tests.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")

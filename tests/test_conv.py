@@ -114,6 +114,8 @@ def test_unsupported_convolutions_fall_back_to_xla():
 def test_impl_selection():
   assert conv_lib.get_impl() == "auto"
   assert conv_lib.resolved_impl() == ("cpu" if jax.default_backend() == "cpu" else "xla")
+  assert conv_lib.resolved_impl("cpu") == "cpu"
+  assert conv_lib.resolved_impl("cuda") == conv_lib.resolved_impl("tpu") == "xla"
   with conv_lib.using("xla"):
     assert conv_lib.resolved_impl() == "xla"
     with conv_lib.using("cpu"):
@@ -146,9 +148,11 @@ def test_model_outputs_and_gradients_match_xla_convolutions(name):
     return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), labels]), (logits, new_vars)
 
   results = {}
-  for impl in ("xla", "cpu"):
+  for impl in ("xla", "cpu", "auto"):
     with conv_lib.using(impl):
       results[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+  # "auto" lowered for CPU is the "cpu" path (its platform-dependent branch resolved at lowering), bitwise.
+  jax.tree.map(np.testing.assert_array_equal, results["auto"], results["cpu"])
   (loss_x, (logits_x, stats_x)), grads_x = results["xla"]
   (loss_c, (logits_c, stats_c)), grads_c = results["cpu"]
   np.testing.assert_array_equal(logits_c, logits_x)

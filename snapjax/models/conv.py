@@ -12,8 +12,11 @@ Every model convolution goes through `conv_general_dilated` (passed to `flax.lin
     transposes read finished activations. 3x3 (k x k) kernels then run the very convolution XLA would have
     run, so the results are bitwise equal to "xla" (tests/test_conv.py); 1 x 1 kernels (DenseNet transitions,
     ResNet-50) use one matrix product instead of XLA's H x W-window convolution, equal to float tolerance.
-  "auto" (default): "cpu" when `jax.default_backend()` is cpu, else "xla" (GPU and TPU keep their native
-    convolutions; nothing here was measured on them).
+  "auto" (default): the weight gradient of "cpu" in a program lowered for CPU and of "xla" in one lowered for any
+    other platform (GPU and TPU keep their native convolutions; nothing here was measured on them). The choice is
+    `jax.lax.platform_dependent`, made when the program is lowered for its platform, so a CUDA or TPU program traced
+    on a CPU machine holds no CPU path (tests/test_lowering.py); the CPU path runs in the name scope
+    CPU_WEIGHT_GRAD_SCOPE.
 
 The choice is read when a model is traced: call `set_impl` (or `with using(...)`) before the first jit of a step.
 Measured: docs/performance.md (benchmarks/train_step.py, benchmarks/conv_ops.py).
@@ -28,6 +31,7 @@ from jax import lax
 
 IMPLS = ("auto", "xla", "cpu")
 _NHWC = ("NHWC", "HWIO", "NHWC")
+CPU_WEIGHT_GRAD_SCOPE = "cpu_conv_weight_grad"
 _impl = "auto"
 
 
@@ -44,11 +48,12 @@ def get_impl() -> str:
   return _impl
 
 
-def resolved_impl() -> str:
-  """The convolution a model traced now uses: "xla" or "cpu" ("auto" resolved for `jax.default_backend()`)."""
+def resolved_impl(platform: str | None = None) -> str:
+  """The convolution VJP of a model traced now, in a program lowered for `platform` (default: the default backend):
+  "xla" or "cpu"."""
   if _impl != "auto":
     return _impl
-  return "cpu" if jax.default_backend() == "cpu" else "xla"
+  return "cpu" if (platform or jax.default_backend()) == "cpu" else "xla"
 
 
 @contextlib.contextmanager
@@ -74,14 +79,14 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   native = functools.partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                              rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                              feature_group_count=feature_group_count, precision=precision)
-  if resolved_impl() == "xla" or not _is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
-                                                    feature_group_count):
+  if _impl == "xla" or not _is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                                          feature_group_count):
     return native()
   strides = tuple(int(s) for s in window_strides)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _cpu_conv(lhs, rhs, strides, pads, precision)
+  return (_cpu_conv if _impl == "cpu" else _auto_conv)(lhs, rhs, strides, pads, precision)
 
 
 def _is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count) -> bool:
@@ -118,6 +123,31 @@ def _cpu_conv_bwd(strides, pads, precision, res, g):
 _cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
 
 
+def _xla_weight_grad(x, g, w, strides, pads, precision):
+  """JAX's own weight gradient of the convolution (its transpose rule), as "xla" computes it."""
+  _, weight_vjp = jax.vjp(lambda w: _xla_conv(x, w, strides, pads, precision), w)
+  return weight_vjp(g)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _auto_conv(x, w, strides, pads, precision):
+  return _xla_conv(x, w, strides, pads, precision)
+
+
+def _auto_conv_bwd(strides, pads, precision, res, g):
+  """dx as "xla" and "cpu" compute it; dw by the platform the program is lowered for (the module docstring)."""
+  x, w = res
+  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, pads, precision), x)
+  (dx,) = input_vjp(g)
+  static = dict(strides=strides, pads=pads, precision=precision)
+  dw = lax.platform_dependent(x, g, w, cpu=functools.partial(weight_grad, **static),
+                              default=functools.partial(_xla_weight_grad, **static))
+  return dx, dw
+
+
+_auto_conv.defvjp(_cpu_conv_fwd, _auto_conv_bwd)
+
+
 def _materialized(pred: jax.Array, fn, *operands):
   """fn(*operands) computed inside a conditional (both branches fn): XLA cannot fuse the operands' producers in."""
   return lax.cond(pred, fn, fn, *operands)
@@ -130,6 +160,11 @@ def weight_grad(x_NxHxWxC: jax.Array, g_NxHoxWoxK: jax.Array, w: jax.Array, stri
   k x k kernels: the convolution XLA:CPU itself uses, out[c, i, j, k] = sum_{n,h,w} xpad[n, i + s*h, j + s*w, c] *
   g[n, h, w, k], over x as (C, H, W, N) and g as (Ho, Wo, N, K). 1 x 1 kernels: (C, N*Ho*Wo) @ (N*Ho*Wo, K).
   """
+  with jax.named_scope(CPU_WEIGHT_GRAD_SCOPE):
+    return _weight_grad(x_NxHxWxC, g_NxHoxWoxK, w, strides, pads, precision)
+
+
+def _weight_grad(x_NxHxWxC, g_NxHoxWoxK, w, strides, pads, precision):
   kh, kw, c, k = w.shape
   (sh, sw), ((pt, _), (pl, _)) = strides, pads
   n, h, wd, _ = x_NxHxWxC.shape

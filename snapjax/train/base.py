@@ -67,10 +67,13 @@ class Update(Protocol):
   """A trainee's compiled update: update(state, done, n) -> (state, metrics) runs n updates after `done` steps.
 
   metrics: each value holds one update's value (a scalar, or one entry per member) or, when `stacked`, one row per
-  update along a leading axis of steps_per_dispatch (the first n rows filled).
+  update along a leading axis of steps_per_dispatch (the first n rows filled). flops_per_step: XLA's FLOPs of one
+  loop step on all devices (every member's update), read when the first call compiles it (train_step.AotUpdate);
+  None before, or where XLA reports none.
   """
   steps_per_dispatch: int
   stacked: bool
+  flops_per_step: float | None
 
   def __call__(self, state: PyTree, done: int, n: int) -> tuple[PyTree, dict[str, Any]]:
     ...

@@ -13,7 +13,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from snapjax import progress
+from snapjax import progress, utilisation
 from snapjax.train.base import Hooks, PyTree, Trainee, TrainingDiverged, TrainResult, itstime
 from snapjax.train.preemption import Preemption
 from snapjax.train.setup import Run
@@ -57,13 +57,16 @@ def check_finite(dispatches: list[Dispatch], trainee: Trainee, run: Run) -> None
 
 
 def log_progress(run: Run, trainee: Trainee, step: int, metrics: dict[str, np.ndarray],
-                 rate: progress.StepRate) -> None:
+                 rate: progress.StepRate, flops_per_step: float | None = None) -> None:
   """A progress line (host 0 only) and TensorBoard scalars, the same for every run.
 
-  Loss and accuracy are the members' means, lr their range; SmoothOut's bound a * c(t) where it is on.
+  Loss and accuracy are the members' means, lr their range; SmoothOut's bound a * c(t) where it is on; the achieved
+  TFLOP/s (XLA's FLOPs of a loop step, all devices, x steps/s) and MFU (achieved / (peak x devices)) over the window
+  since the last line (snapjax/utilisation.py).
   """
   steps_per_s = rate.update(step)
   images = steps_per_s * trainee.images_per_step
+  used = utilisation.measure(flops_per_step, steps_per_s, run.settings.peak_flops, jax.device_count())
   mean = {k: float(np.mean(v)) for k, v in metrics.items() if k != "finite"}
   lr = np.asarray(metrics["lr"])
   members = np.size(metrics["loss"])
@@ -71,14 +74,26 @@ def log_progress(run: Run, trainee: Trainee, step: int, metrics: dict[str, np.nd
     lr_text = f"{np.min(lr):.5f}" if np.min(lr) == np.max(lr) else f"{np.min(lr):.5f}..{np.max(lr):.5f}"
     extra = f" smoothout_a {mean['smoothout_a']:.5f}" if "smoothout_a" in mean else ""
     who = f" ({members} members)" if members > 1 else ""
-    logging.info("%s %d/%d%s epoch %.2f loss %.4f acc %.3f lr %s%s %.0f img/s ETA %s", trainee.step_unit, step,
+    logging.info("%s %d/%d%s epoch %.2f loss %.4f acc %.3f lr %s%s %.0f img/s %s ETA %s", trainee.step_unit, step,
                  trainee.total_steps, who, trainee.epoch(step), mean["loss"], mean["accuracy"], lr_text, extra, images,
-                 progress.clock(rate.eta(trainee.total_steps - step)))
+                 used.text(), progress.clock(rate.eta(trainee.total_steps - step)))
   scalars = {"train/loss": mean["loss"], "train/accuracy": mean["accuracy"], "train/lr": mean["lr"],
-             "train/images_per_sec": images}
+             "train/images_per_sec": images, **used.scalars()}
   if "smoothout_a" in mean:
     scalars["train/smoothout_a"] = mean["smoothout_a"]
   run.writer.write_scalars(step, scalars)
+
+
+def log_peak(run: Run, trainee: Trainee, flops_per_step: float | None) -> None:
+  """Once per run, where the MFU comes from: the step's FLOPs and the device's peak (host 0)."""
+  if jax.process_index() != 0:
+    return
+  s = run.settings
+  flops = f"{flops_per_step / 1e9:,.3g} GFLOP per {trainee.step_unit} (XLA's cost analysis, {jax.device_count()} " \
+          f"devices)" if flops_per_step else "no FLOPs from XLA's cost analysis"
+  peak = (f"peak {s.peak_flops / 1e12:,.4g} TFLOP/s per device ({s.device_kind})" if s.peak_flops else
+          f"MFU n/a: no peak FLOP/s known for {s.device_kind!r}; set --config.peak_flops")
+  logging.info("Utilisation: %s; %s", flops, peak)
 
 
 def _save_state(run: Run, step: int, state: PyTree, hooks: Hooks) -> None:
@@ -126,6 +141,8 @@ def train(run: Run, trainee: Trainee, preemption: Preemption, hooks: Hooks) -> T
     first = step + 1
     step = trainee.dispatch_end(step, every)
     state, metrics = update(state, first - 1, step - first + 1)
+    if first == start + 1:  # The first call compiled the update and read its FLOPs.
+      log_peak(run, trainee, update.flops_per_step)
     done = Dispatch(first, step, metrics, update.stacked)
     pending.append(done)
     if len(pending) > MAX_UNCHECKED:  # Bounds what is held, and the updates run past a divergence.
@@ -136,7 +153,7 @@ def train(run: Run, trainee: Trainee, preemption: Preemption, hooks: Hooks) -> T
       check_finite(pending, trainee, run)
       pending.clear()
     if due.log:
-      log_progress(run, trainee, step, done.row(step), rate)
+      log_progress(run, trainee, step, done.row(step), rate, update.flops_per_step)
     if due.snapshot:
       scores.extend(trainee.take_snapshots(state, step))
     if due.save:

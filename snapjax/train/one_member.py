@@ -16,16 +16,6 @@ from snapjax.train.base import Hooks, PyTree
 from snapjax.train.setup import Run
 
 
-class _Update:
-  """A batch source's compiled update as the loop calls it (base.Update)."""
-
-  def __init__(self, source: train_step.BatchSource, fn):
-    self.steps_per_dispatch, self.stacked, self._fn = source.steps_per_dispatch, source.steps_per_dispatch > 1, fn
-
-  def __call__(self, state, done, n):
-    return self._fn(state, done, n)
-
-
 class OneMember:
   """A one-member run (base.Trainee): its steps are the network's global steps."""
   step_unit = "step"
@@ -59,14 +49,14 @@ class OneMember:
     self._check_snapshots(start, state)
     return state, start
 
-  def compile_update(self, start: int) -> _Update:
+  def compile_update(self, start: int) -> train_step.AotUpdate:
     run = self.run
     step_fn = train_step.make_train_step(run.exp.model, run.tx, run.schedule, self._dropout_key,
                                          smoothout=train_step.make_smoothout(run.config, run.plan),
                                          num_shards=run.exp.mesh.devices.size)
     source = self._batch_source(start)
     self._period, self._steps_per_dispatch = source.period, source.steps_per_dispatch
-    return _Update(source, source.compile(self.hooks.wrap_step(step_fn) if self.hooks.wrap_step else step_fn))
+    return source.compile(self.hooks.wrap_step(step_fn) if self.hooks.wrap_step else step_fn)
 
   def _batch_source(self, start: int) -> train_step.BatchSource:
     run, s = self.run, self.run.settings

@@ -10,7 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from snapjax import checkpoints, experiment, members, train_step, workdir as workdir_lib, workdir_lock
+from snapjax import checkpoints, experiment, members, train_step, utilisation, workdir as workdir_lib, workdir_lock
 from snapjax import config as config_lib
 
 
@@ -30,16 +30,23 @@ class Settings:
   dataset: str
   train_split: str  # The config's, or the dataset's own training split when the config leaves it empty.
   is_member_run: bool  # Trains through the member axis (snapjax/members.py: K > 1 or a parallel SingleCycle).
+  # Peak FLOP/s of one device for the compute dtype: config.peak_flops, else snapjax.utilisation.PEAK_FLOPS by
+  # jax.devices()[0].device_kind; None: unknown (CPU), and progress lines say so.
+  peak_flops: float | None
+  device_kind: str
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, spec_train_split: str) -> "Settings":
+    device_kind = jax.devices()[0].device_kind
     return cls(seed=int(config.seed), method=str(config.method), batch_size=int(config.batch_size),
                steps_per_dispatch=int(config.steps_per_dispatch), log_every_steps=int(config.log_every_steps),
                checkpoint_every_steps=int(config.checkpoint_every_steps), eval_snapshots=bool(config.eval_snapshots),
                num_members=int(config.num_members),
                single_cycle_parallel=bool(config.get("single_cycle_parallel", False)), dataset=str(config.dataset),
                train_split=str(config.train_split or spec_train_split),
-               is_member_run=members.is_member_run(config))
+               is_member_run=members.is_member_run(config),
+               peak_flops=utilisation.device_peak(device_kind, str(config.dtype), float(config.get("peak_flops", 0.0))),
+               device_kind=device_kind)
 
 
 
