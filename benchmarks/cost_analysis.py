@@ -31,11 +31,27 @@ import jax.numpy as jnp  # noqa: E402
 from snapjax import config as config_lib, models, train_step  # noqa: E402
 from snapjax.models import conv as conv_lib  # noqa: E402
 
-# Peak dense FLOP/s per dtype and memory bandwidth in bytes/s.
-HARDWARE = {
-    "H100": ({"bfloat16": 989e12, "float32": 495e12}, 3.35e12),
-    "TPU v5e": ({"bfloat16": 197e12, "float32": 197e12}, 819e9),
+# Peak dense FLOP/s per compute dtype and memory bandwidth in bytes/s of the devices this script and
+# benchmarks/accelerator.py know, with the lower-case fragments of `jax.Device.device_kind` that name each (first
+# match wins, so "tpu v5 lite" is tried before "tpu v5"). float32 is the rate at JAX's default precision: TF32 tensor
+# cores on NVIDIA GPUs from the A100 on (at precision HIGHEST an H100 does 67 TFLOP/s), one bf16 pass on a TPU's
+# MXU; a V100 has neither TF32 nor bf16 tensor cores, so both of its dtypes run at its float32 rate. Vendor data
+# sheets, dense (no 2:4 sparsity): NVIDIA H100/H200 SXM, H100 PCIe, A100 SXM 80GB, V100 SXM2, L4; Google Cloud
+# TPU v4, v5e, v5p, v6e.
+DEVICES = {
+    "H200": (("h200",), {"bfloat16": 989e12, "float32": 495e12}, 4.8e12),
+    "H100 PCIe": (("h100 pcie",), {"bfloat16": 756e12, "float32": 378e12}, 2.0e12),
+    "H100": (("h100",), {"bfloat16": 989e12, "float32": 495e12}, 3.35e12),
+    "A100": (("a100",), {"bfloat16": 312e12, "float32": 156e12}, 2.04e12),
+    "V100": (("v100",), {"bfloat16": 15.7e12, "float32": 15.7e12}, 900e9),
+    "L4": (("nvidia l4",), {"bfloat16": 121e12, "float32": 60e12}, 300e9),
+    "TPU v6e": (("tpu v6 lite", "tpu v6e"), {"bfloat16": 918e12, "float32": 918e12}, 1.64e12),
+    "TPU v5e": (("tpu v5 lite", "tpu v5e"), {"bfloat16": 197e12, "float32": 197e12}, 819e9),
+    "TPU v5p": (("tpu v5p", "tpu v5"), {"bfloat16": 459e12, "float32": 459e12}, 2.765e12),
+    "TPU v4": (("tpu v4",), {"bfloat16": 275e12, "float32": 275e12}, 1.2e12),
 }
+# The two devices of the roofline tables below: (peaks per dtype, bandwidth).
+HARDWARE = {name: DEVICES[name][1:] for name in ("H100", "TPU v5e")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,9 +170,28 @@ def config_step_cost(c, image_shape: tuple[int, int, int], num_classes: int) -> 
   with conv_lib.using("xla"):
     lowered = jax.jit(lambda s, x, y: step_fn(s, x.astype(compute), y), donate_argnums=(0,)).lower(state, x, y)
   t0 = time.perf_counter()
-  cost = lowered.compile().cost_analysis()
+  cost = compiled_cost(lowered.compile())
+  return {"flops": cost["flops"], "bytes": cost["bytes"], "compile_s": time.perf_counter() - t0}
+
+
+def compiled_cost(compiled) -> dict[str, float]:
+  """{'flops', 'bytes'} of a compiled program from XLA's `cost_analysis()` (0.0 where the backend gives none).
+
+  XLA counts the body of a while loop once, whatever its trip count (a `lax.fori_loop`, `lax.map` or `lax.scan`).
+  """
+  cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {"flops": float(cost["flops"]), "bytes": float(cost["bytes accessed"]), "compile_s": time.perf_counter() - t0}
+  cost = cost or {}
+  return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def device_peak(device_kind: str, dtype: str) -> tuple[float, str] | None:
+  """(peak dense FLOP/s in `dtype`, the DEVICES name) of the device `jax.Device.device_kind` names, or None."""
+  kind = device_kind.lower()
+  for name, (fragments, peaks, _) in DEVICES.items():
+    if any(f in kind for f in fragments):
+      return peaks[dtype], name
+  return None
 
 
 def bound(flops: float, nbytes: float, batch: int, hw: str, dtype: str) -> tuple[float, str]:
