@@ -1,6 +1,6 @@
 """Accelerator throughput of snapjax's own programs, measured on the device that runs this: one command, <= 8 minutes.
 
-  python benchmarks/accelerator.py [--json PATH] [--peak_flops FLOP/s] [--budget_s 420] [--compilation_cache_dir DIR]
+  python benchmarks/accelerator.py [--json PATH] [--peak_flops FLOP/s] [--budget_s 400] [--compilation_cache_dir DIR]
   python benchmarks/accelerator.py --smoke [--json PATH]    # every row on CPU, tiny shapes (tests/test_accelerator_benchmark.py)
 
 Rows, in the order they run (each section may use its share of --budget_s plus what earlier sections left):
@@ -90,7 +90,7 @@ def _parse(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=None, help="updates (calls) per timed repeat (default 16; smoke 4)")
   p.add_argument("--repeats", type=int, default=None, help="timed repeats per row at most (default 5; smoke 1)")
   p.add_argument("--row_budget_s", type=float, default=None, help="timed seconds per row at most (default 4; smoke 1)")
-  p.add_argument("--budget_s", type=float, default=420.0,
+  p.add_argument("--budget_s", type=float, default=400.0,
                  help="seconds for all rows (on a GPU, plus ~20 s of start-up: under 8 minutes)")
   p.add_argument("--compilation_cache_dir", default=None,
                  help="JAX's persistent compilation cache: a rerun on the same machine skips the compiles")

@@ -71,3 +71,30 @@ def test_mfu_is_a_number_with_peak_flops(tmp_path):
     ("cpu", "float32", None)])
 def test_device_peaks_by_device_kind(kind, dtype, want):
   assert cost_analysis.device_peak(kind, dtype) == want
+
+
+def test_a_failing_row_is_reported_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+  from benchmarks import accelerator
+
+  def out_of_memory(row, *_):
+    if row["strategy"] == "map":
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB.\nmore detail")
+    row.update(ms=1.0, ms_min=1.0, ms_max=1.0, images_per_s=8000.0, ms_per_image=0.125, mfu="n/a", compile_s=0.0,
+               repeats=1)
+
+  monkeypatch.setattr(accelerator, "run_ensemble", out_of_memory)
+  out = tmp_path / "a.json"
+  assert accelerator.main(["--smoke", "--sections", "ensemble", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["strategy"], r["status"]) for r in rows] == [("auto", "ok"), ("map", "failed"), ("loop", "ok"),
+                                                          ("vmap", "ok")]
+  assert rows[1]["error"] == "RuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB."
+  assert "| failed: RuntimeError: RESOURCE_EXHAUSTED" in capsys.readouterr().out
+
+
+def test_rows_past_the_time_budget_are_skipped(tmp_path):
+  from benchmarks import accelerator
+  out = tmp_path / "a.json"
+  assert accelerator.main(["--smoke", "--budget_s", "0", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert {r["kind"] for r in rows} == KINDS and {r["status"] for r in rows} == {"skipped"}
