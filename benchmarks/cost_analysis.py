@@ -99,13 +99,17 @@ def _parse() -> argparse.Namespace:
 
 
 def paper_projections(cache: str | None = None) -> dict[str, str]:
-  """{paper.md config string: 'H h on 1 H100; T h on a TPU v5e-8'} at the roofline bound of each row's own step.
+  """{paper.md config string: its projected time on 1 H100 and on a TPU v5e-8} from each row's own step.
 
-  The row's run has plan.total_steps updates of its global batch (train_step.make_plan on the dataset's training
-  examples: epochs x floor(examples / batch)). A TPU v5e-8 is 8 chips with the batch split over them: 8 x one chip's
-  bound, the ideal of data parallelism (per-chip batches of 8 for CIFAR leave a chip's MXU mostly idle, so this is
-  the most optimistic of the bounds). `cache`: a JSON file of the step costs compiled so far, read and extended,
-  so that an interrupted run goes on where it stopped.
+  'at least C h on 1 H100 (c ms/step; roofline estimate R h, r ms/step); at least C' h on a TPU v5e-8 (roofline
+  estimate R' h)': C is the compute bound (the step's FLOPs at the chip's peak), which no run can beat; R also
+  takes the memory term from XLA:CPU's estimate of the bytes, which overstates an accelerator's traffic (see
+  `main`'s table), so R is an estimate, not a bound. The row's run has plan.total_steps updates of its global batch
+  (train_step.make_plan on the dataset's training examples: epochs x floor(examples / batch)). A TPU v5e-8 is 8
+  chips with the batch split over them: 1/8 of one chip's step time, the ideal of data parallelism (per-chip
+  batches of 8 for CIFAR leave a chip's MXU mostly idle, so this is the most optimistic of the bounds). `cache`: a
+  JSON file of the step costs compiled so far, read and extended, so that an interrupted run goes on where it
+  stopped.
   """
   import json
   from scripts import paper_table
@@ -130,10 +134,12 @@ def paper_projections(cache: str | None = None) -> dict[str, str]:
             f"{costs[key]['flops'] / c.batch_size / 1e9:.2f} GFLOP/image, compiled in {costs[key]['compile_s']:.0f} s",
             flush=True)
     cost, plan = costs[key], train_step.make_plan(c, spec.num_train)
-    images = plan.total_steps * c.batch_size
-    h100 = images / bound(cost["flops"], cost["bytes"], c.batch_size, "H100", c.dtype)[0] / 3600
-    v5e8 = images / (8 * bound(cost["flops"], cost["bytes"], c.batch_size, "TPU v5e", c.dtype)[0]) / 3600
-    out[r["config"]] = f"{h100:.2f} h on 1 H100; {v5e8:.2f} h on a TPU v5e-8"
+    h100 = step_seconds(cost["flops"], cost["bytes"], "H100", c.dtype)
+    v5e8 = [t / 8 for t in step_seconds(cost["flops"], cost["bytes"], "TPU v5e", c.dtype)]
+    hours = [plan.total_steps * t / 3600 for t in (*h100, *v5e8)]
+    out[r["config"]] = (f"at least {hours[0]:.3g} h on 1 H100 ({1e3 * h100[0]:.3g} ms/step; roofline estimate "
+                        f"{hours[1]:.3g} h, {1e3 * h100[1]:.3g} ms/step); at least {hours[2]:.3g} h on a TPU v5e-8 "
+                        f"(roofline estimate {hours[3]:.3g} h)")
   return out
 
 
@@ -166,11 +172,18 @@ def config_step_cost(c, image_shape: tuple[int, int, int], num_classes: int) -> 
           "bytes": float(utilisation.cost_analysis(compiled)["bytes accessed"]), "compile_s": time.perf_counter() - t0}
 
 
+def step_seconds(flops: float, nbytes: float, hw: str, dtype: str) -> tuple[float, float]:
+  """(compute bound, roofline) seconds of a step on hardware `hw`: FLOPs at the peak; the longer of that and the
+  bytes at the memory bandwidth."""
+  peaks, bandwidth = HARDWARE[hw]
+  t_compute = flops / peaks[dtype]
+  return t_compute, max(t_compute, nbytes / bandwidth)
+
+
 def bound(flops: float, nbytes: float, batch: int, hw: str, dtype: str) -> tuple[float, str]:
   """(images/s upper bound, 'compute' or 'memory') on hardware `hw`."""
-  peaks, bandwidth = HARDWARE[hw]
-  t_compute, t_memory = flops / peaks[dtype], nbytes / bandwidth
-  return batch / max(t_compute, t_memory), "compute" if t_compute >= t_memory else "memory"
+  t_compute, t_roofline = step_seconds(flops, nbytes, hw, dtype)
+  return batch / t_roofline, "compute" if t_compute >= t_roofline else "memory"
 
 
 def main() -> None:

@@ -38,24 +38,58 @@ def _parse() -> argparse.Namespace:
   return args
 
 
+def random_split(n: int, image_size: int = 32, seed: int = 0):
+  """n random CIFAR-10-shaped training examples: (uint8 images n x H x W x 3, int32 labels in 0..9)."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return (rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8),
+          rng.integers(0, 10, n).astype(np.int32))
+
+
+def one_member_update(exp, tx, schedule, arrays, plan, steps_per_dispatch: int = 1):
+  """(update, fresh state) of the 1-member program exactly as a K = 1 run compiles it (train_step.InMemoryBatches).
+
+  update(state, step, n) runs n <= steps_per_dispatch updates (dispatch.run_steps when steps_per_dispatch > 1).
+  """
+  import jax
+  from snapjax import train_step
+  init_key, data_key, aug_key, dropout_key = jax.random.split(jax.random.PRNGKey(0), 4)
+  state = jax.jit(lambda k: train_step.init_state(exp, tx, k), out_shardings=exp.replicated)(init_key)
+  step_fn = train_step.make_train_step(exp.model, tx, schedule, dropout_key, num_shards=exp.mesh.devices.size)
+  batches = train_step.InMemoryBatches(exp, arrays, plan, data_key, aug_key, steps_per_dispatch)
+  return batches.compile(step_fn), state
+
+
+def member_update(exp, tx, schedule, arrays, plan, config, steps_per_dispatch: int = 1):
+  """(update, fresh stacked state) of the K-member program of `config` (num_members, member_groups, member_strategy)
+  as a member run compiles it (members.MemberBatches); update(state, done, n) runs n loop steps after `done`."""
+  import jax
+  from snapjax import members, train_step
+  num_devices = jax.device_count()
+  mp = members.make_member_plan(config, plan, num_devices)
+  mesh = members.member_mesh(mp.groups)
+  keys = members.member_keys(mp)
+  make_step = lambda dk: train_step.make_train_step(exp.model, tx, schedule, dk, num_shards=num_devices)  # noqa: E731
+  update = members.MemberBatches(exp, mesh, arrays, plan, mp, keys, steps_per_dispatch).compile(make_step)
+  return update, members.make_init(exp, tx, mp, mesh)(keys["init"])
+
+
 def main() -> None:
   args = _parse()
   if "jax" not in sys.modules:
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
     os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={args.devices}"])
   import jax
-  import numpy as np
-  from snapjax import config as config_lib, experiment, members, train_step
+  from snapjax import config as config_lib, experiment, train_step
 
   if jax.default_backend() == "cpu" and jax.device_count() != args.devices:
     raise SystemExit(f"error: JAX has {jax.device_count()} devices, not --devices={args.devices}")
   num_devices = jax.device_count()
   config = config_lib.base_config()
   config.model, config.dataset, config.batch_size, config.init_lr = args.model, "cifar10", args.batch, 0.1
-  rng = np.random.default_rng(0)
   dispatches = [int(v) for v in args.dispatch.split(",") if v]
-  n = args.batch * max(16, *dispatches)  # One epoch holds a whole dispatch of the longest kind.
-  arrays = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32))
+  arrays = random_split(args.batch * max(16, *dispatches))  # One epoch holds a whole dispatch of the longest kind.
+  n = len(arrays[1])
   plan = train_step.Plan(steps_per_epoch=n // args.batch, total_steps=10 ** 6, snapshot_steps=(10 ** 6,))
   schedule = train_step.make_schedule(config, plan.total_steps)
   tx = train_step.make_optimizer(config, schedule)
@@ -81,10 +115,7 @@ def main() -> None:
 
   rows = []
   exp = experiment.build(config)
-  init_key, data_key, aug_key, dropout_key = jax.random.split(jax.random.PRNGKey(0), 4)
-  state = jax.jit(lambda k: train_step.init_state(exp, tx, k), out_shardings=exp.replicated)(init_key)
-  step_fn = train_step.make_train_step(exp.model, tx, schedule, dropout_key, num_shards=num_devices)
-  single = train_step.InMemoryBatches(exp, arrays, plan, data_key, aug_key).compile(step_fn)
+  single, state = one_member_update(exp, tx, schedule, arrays, plan)
   med1, lo1, hi1, warm1 = timed(single, state)
   rate1 = args.batch / med1
   print(f"K=1 one-member program: {med1:.3f} s/step, {rate1:.0f} img/s (compile+first step {warm1:.1f} s)", flush=True)
@@ -99,13 +130,8 @@ def main() -> None:
     for g in groups:
       for strategy in [s for s in args.strategies.split(",") if s]:
         config.member_groups, config.member_strategy = g, strategy
-        mp = members.make_member_plan(config, plan, num_devices)
-        mesh = members.member_mesh(g)
-        keys = members.member_keys(mp)
-        make_step = lambda dk: train_step.make_train_step(exp.model, tx, schedule, dk, num_shards=num_devices)
         for per_call in dispatches:
-          update = members.MemberBatches(exp, mesh, arrays, plan, mp, keys, per_call).compile(make_step)
-          mstate = members.make_init(exp, tx, mp, mesh)(keys["init"])
+          update, mstate = member_update(exp, tx, schedule, arrays, plan, config, per_call)
           med, lo, hi, warm = timed(update, mstate, per_call)
           rate = k * args.batch / med
           rows.append((k, f"members: G={g} x {num_devices // g} data, {strategy}, {per_call}/dispatch", med, rate,

@@ -37,10 +37,10 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
   """He et al. 2015 CIFAR ResNet, depth 6n + 2, widths 16/32/64, option-A shortcuts (as snapjax's default)."""
 
-  def __init__(self, depth: int, num_classes: int = 10, width: int = 16):
+  def __init__(self, depth: int, num_classes: int = 10, width: int = 16, in_channels: int = 3):
     super().__init__()
     n = (depth - 2) // 6
-    self.stem, self.stem_bn = _conv(3, width, 3), nn.BatchNorm2d(width)
+    self.stem, self.stem_bn = _conv(in_channels, width, 3), nn.BatchNorm2d(width)
     blocks, c = [], width
     for stage in range(3):
       for block in range(n):
@@ -85,10 +85,11 @@ class DenseNet(nn.Module):
     return self.classifier(x.mean(dim=(2, 3)))
 
 
-def get(name: str, num_classes: int = 10) -> nn.Module:
-  """The PyTorch twin of the snapjax model `name` (resnet<6n+2> or densenet40)."""
+def get(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+  """The PyTorch twin of the snapjax model `name` (resnet<6n+2> or densenet40); in_channels: ResNets only (1 for
+  Fashion-MNIST)."""
   if name.startswith("resnet") and name[6:].isdigit():
-    return CifarResNet(int(name[6:]), num_classes)
+    return CifarResNet(int(name[6:]), num_classes, in_channels=in_channels)
   if name == "densenet40":
     return DenseNet(40, 12, num_classes)
   raise ValueError(f"no PyTorch twin for model {name!r}; known: resnet<6n+2> (resnet20, resnet56, ...), densenet40")
