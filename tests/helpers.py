@@ -83,7 +83,7 @@ def subprocess_env(num_devices: int = 4, extra_xla_flags=(), **extra: str) -> di
              TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", NO_GCE_CHECK="true")
   if jax.config.jax_compilation_cache_dir:  # Set by conftest; unset when a script outside pytest calls this.
     env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # As conftest: every program.
   env.update(extra)
   return env
 
