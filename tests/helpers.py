@@ -151,3 +151,98 @@ def snapshot_arrays(workdir: str) -> dict:
   from snapjax import evaluation, experiment
   exp = experiment.build(evaluation.load_run_config(workdir))
   return {m.step: jax.tree.map(np.asarray, m.variables) for m in evaluation.restore_members([workdir], exp)}
+
+
+# A fresh `python train.py ...` spends ~3 s (and ~10 s on a loaded 2-core machine) importing JAX, Flax, optax and
+# orbax before it reads its flags; the usage-error tests run dozens of them. run_python forks each command from one
+# process per environment that has imported those already (and never started a JAX backend, so each child starts
+# its own with the environment's XLA_FLAGS): the same script, flags, environment, working directory and exit code.
+_SERVER = r'''
+import json, os, runpy, sys
+import jax, flax.linen, optax, orbax.checkpoint, ml_collections, absl.app, absl.flags, absl.logging, matplotlib
+import snapjax, snapjax.cli, snapjax.config
+out = os.fdopen(os.dup(1), "w", buffering=1)
+for line in sys.stdin:
+  req = json.loads(line)
+  sys.stdout.flush(); sys.stderr.flush()
+  pid = os.fork()
+  if pid == 0:  # The child: this request's command, then a normal interpreter exit (atexit, threads joined).
+    os.setsid()
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
+      os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    argv = list(req["argv"])
+    if argv[0] == "-c":  # python -c CODE ARGS: sys.argv is ["-c", *ARGS], as Python makes it.
+      sys.argv, sys.path[0] = ["-c", *argv[2:]], ""
+      main = lambda: exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+    else:
+      sys.argv, sys.path[0] = argv, os.path.dirname(os.path.abspath(argv[0]))
+      main = lambda: runpy.run_path(argv[0], run_name="__main__")
+    del line, req, out
+    main()
+    sys.exit(0)  # Out of the request loop: the interpreter exits as `python script` would.
+  out.write(json.dumps({"pid": pid}) + "\n")
+  _, status = os.waitpid(pid, 0)
+  out.write(json.dumps({"code": os.waitstatus_to_exitcode(status)}) + "\n")
+'''
+_servers: dict = {}
+
+
+class _Server:
+  """One preloaded Python and the unread bytes of its replies (read from the raw pipe, so select() sees them all)."""
+
+  def __init__(self, env: dict[str, str]):
+    import subprocess
+    import sys
+    self.proc = subprocess.Popen([sys.executable, "-c", _SERVER], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, bufsize=0)
+    self.buffer = b""
+
+  def reply(self, timeout: float | None = None) -> dict | None:
+    """The next reply line as a dict, or None past the timeout (seconds; None waits for ever)."""
+    import json
+    import select
+    import time
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while b"\n" not in self.buffer:
+      left = None if deadline is None else max(0.0, deadline - time.monotonic())
+      if not select.select([self.proc.stdout], [], [], left)[0]:
+        return None
+      chunk = os.read(self.proc.stdout.fileno(), 65536)
+      if not chunk:
+        raise RuntimeError(f"the preloaded Python exited with {self.proc.wait()}")
+      self.buffer += chunk
+    line, self.buffer = self.buffer.split(b"\n", 1)
+    return json.loads(line)
+
+
+def run_python(argv: list[str], env: dict[str, str], timeout: float, cwd: str = ROOT):
+  """subprocess.run([python, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout), forked from
+  a preloaded Python for this env (started on first use; later calls with the same env reuse it)."""
+  import json
+  import signal
+  import subprocess
+  import sys
+  import tempfile
+  key = tuple(sorted((k, v) for k, v in env.items() if not k.startswith("PYTEST_")))  # Not the test's own name.
+  server = _servers.get(key)
+  if server is None or server.proc.poll() is not None:
+    server = _servers[key] = _Server(env)
+  with tempfile.TemporaryDirectory() as tmp:
+    paths = {"stdout": os.path.join(tmp, "out"), "stderr": os.path.join(tmp, "err")}
+    server.proc.stdin.write((json.dumps({"argv": list(argv), "cwd": cwd, "env": env, **paths}) + "\n").encode())
+    server.proc.stdin.flush()
+    pid = server.reply()["pid"]
+    done = server.reply(timeout)
+    if done is None:
+      os.killpg(pid, signal.SIGKILL)
+      server.reply()
+      raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
+    texts = {}
+    for name, path in paths.items():
+      with open(path, errors="replace") as f:
+        texts[name] = f.read()
+  return subprocess.CompletedProcess([sys.executable, *argv], done["code"], texts["stdout"], texts["stderr"])

@@ -24,8 +24,7 @@ TIMEOUT = 240
 
 
 def _run(*args: str, env_extra=None) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=helpers.subprocess_env(4, **(env_extra or {})),
-                        capture_output=True, text=True, timeout=TIMEOUT)
+  return helpers.run_python(list(args), env=helpers.subprocess_env(4, **(env_extra or {})), timeout=TIMEOUT)
 
 
 def _usage_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

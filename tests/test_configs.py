@@ -1,6 +1,4 @@
 """configs/*.py:METHOD: every Table 1 method on every paper config, checked against the paper's facts."""
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -137,8 +135,8 @@ def test_dropout_models_ignore_the_dropout_rng_in_eval_mode(name):
 ])
 def test_train_py_bad_method_is_one_line_and_exit_code_2(arg, needles, tmp_path):
   workdir = tmp_path / "run"
-  proc = subprocess.run([sys.executable, "train.py", "--config", arg, "--workdir", str(workdir)], cwd=helpers.ROOT,
-                        env=helpers.subprocess_env(4), capture_output=True, text=True, timeout=120)
+  proc = helpers.run_python(["train.py", "--config", arg, "--workdir", str(workdir)], env=helpers.subprocess_env(4),
+                            timeout=120)
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert lines[-1].startswith("error: ") and all(n in lines[-1] for n in needles), lines[-1]

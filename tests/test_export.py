@@ -25,9 +25,7 @@ TIMEOUT = 180
 
 
 def _eval_py(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "eval.py", *args], cwd=helpers.ROOT,
-                        env=helpers.subprocess_env(4, JAX_LOG_COMPILES="1"), capture_output=True, text=True,
-                        timeout=TIMEOUT)
+  return helpers.run_python(["eval.py", *args], env=helpers.subprocess_env(4, JAX_LOG_COMPILES="1"), timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -280,12 +280,9 @@ def test_ensemble_predict_over_a_member_axis_equals_one_device(strategy, last_m)
 
 
 def test_train_py_refuses_a_layout_that_does_not_fit_with_exit_2_before_compiling(tiny_data, tmp_path):
-  import subprocess
-  import sys
   import helpers
   argv = helpers.train_argv("train.py", tiny_data, str(tmp_path / "run"), {"num_members": 3, "member_groups": 2})
-  proc = subprocess.run([sys.executable, *argv], cwd=helpers.ROOT, capture_output=True, text=True, timeout=180,
-                        env=helpers.subprocess_env(4, JAX_LOG_COMPILES="1"))
+  proc = helpers.run_python(argv, env=helpers.subprocess_env(4, JAX_LOG_COMPILES="1"), timeout=180)
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert lines[-1] == ("error: member_groups=2 does not fit 3 training member(s) on 4 device(s); "
