@@ -10,7 +10,13 @@ os.environ["XLA_FLAGS"] = xla_flags(NUM_DEVICES)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import gc  # noqa: E402
+
 import jax  # noqa: E402
+
+# Tracing allocates many short-lived objects; with the default thresholds a test process with a large heap (hundreds
+# of tests' programs) spends seconds in full collections. Collect young objects less often.
+gc.set_threshold(50_000, 20, 20)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_platforms", "cpu")
@@ -27,8 +33,33 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 import pytest  # noqa: E402
 
 
+# Seconds each file took in one `pytest -n 2 --dist loadfile` run (the sum of its --durations; a loaded 2-core
+# machine, so only their order matters). xdist hands whole files to the workers in collection order; longest first,
+# so that the last file a worker starts is a short one and the two workers end together. Files not listed (new
+# ones) count as FILE_SECONDS_DEFAULT. Re-measure with --durations=0 when the order drifts.
+FILE_SECONDS = {
+    "test_members.py": 767, "test_faults.py": 574, "test_accelerator_benchmark.py": 388, "test_conv.py": 378,
+    "test_multihost.py": 287, "test_compilation.py": 266, "test_cli_workdir.py": 264, "test_training.py": 212,
+    "test_smoothout.py": 212, "test_members_multihost.py": 184, "test_eval_analyses.py": 178, "test_export.py": 165,
+    "test_dispatch.py": 150, "test_study.py": 149, "test_cli.py": 147, "test_single_cycle.py": 76,
+    "test_weight_space.py": 75, "test_utilisation.py": 75, "test_lowering.py": 54, "test_configs.py": 47,
+    "test_examples.py": 39, "test_analysis.py": 33, "test_docstrings.py": 12, "test_models.py": 11,
+}
+FILE_SECONDS_DEFAULT = 30
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "devices(n): the test needs n CPU devices in this process (conftest sets 4)")
+  if hasattr(config.option, "loadscopereorder"):  # xdist would reorder files by test count: keep the order below.
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  """Files longest first (FILE_SECONDS); the tests of a file keep their order."""
+  order = {}
+  for i, item in enumerate(items):
+    order.setdefault(item.path.name, i)
+  items.sort(key=lambda item: (-FILE_SECONDS.get(item.path.name, FILE_SECONDS_DEFAULT), order[item.path.name]))
 
 
 def pytest_runtest_setup(item):
@@ -44,7 +75,60 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-  """A tiny learnable Fashion-MNIST in raw IDX files (tests/helpers.py), made once per test process."""
+def shared_tmp(tmp_path_factory):
+  """A directory shared by every process of this test session (all xdist workers), for what is made once."""
+  base = tmp_path_factory.getbasetemp()
+  root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+  root.mkdir(exist_ok=True)
+  return root
+
+
+def once(root, name: str, build) -> str:
+  """root/name, made by build(path) by the first process of the session that asks; the others wait for it.
+
+  An exclusive file lock serialises the makers; a marker file says the build finished (a failed build leaves none,
+  so the next process to ask builds again and fails the same way, in its own test).
+  """
+  import fcntl
+  import shutil
+  path, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      build(str(path))
+      done.touch()
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(shared_tmp):
+  """A tiny learnable Fashion-MNIST in raw IDX files (tests/helpers.py), made once per test session. Read-only."""
   from helpers import make_tiny_fashion_mnist
-  return make_tiny_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")))
+  return once(shared_tmp, "fmnist", make_tiny_fashion_mnist)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shared_tmp, tiny_data):
+  """tiny_run(**overrides): (workdir, TrainResult as a dict) of training.train_and_evaluate on
+  tiny_config(tiny_data, **overrides), trained once per test session whichever test file asks first. Read-only:
+  copy the workdir to change it (or to evaluate it into its own eval/ directory)."""
+  import hashlib
+  import json
+
+  def get(**overrides):
+    from helpers import tiny_config
+    from snapjax import training
+    key = json.dumps(overrides, sort_keys=True)
+    name = "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def build(path):
+      result = training.train_and_evaluate(tiny_config(tiny_data, **overrides), os.path.join(path, "run"))
+      with open(os.path.join(path, "result.json"), "w") as f:
+        json.dump(result.to_dict(), f)
+
+    path = once(shared_tmp, name, build)
+    with open(os.path.join(path, "result.json")) as f:
+      return os.path.join(path, "run"), json.load(f)
+
+  return get

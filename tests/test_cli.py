@@ -5,16 +5,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from snapjax import training
-
 import helpers
-from helpers import tiny_config
 
 pytestmark = pytest.mark.devices(4)  # In-process runs and references use conftest's 4 CPU devices.
 
@@ -27,8 +23,7 @@ TIMEOUT = 180  # Seconds; a run that hangs (e.g. on a network call) fails the te
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
   """Run train.py / eval.py in a subprocess (killed at TIMEOUT), with compile logging on."""
-  return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=helpers.subprocess_env(4, JAX_LOG_COMPILES="1"),
-                        capture_output=True, text=True, timeout=TIMEOUT)
+  return helpers.run_python([script, *args], env=helpers.subprocess_env(4, JAX_LOG_COMPILES="1"), timeout=TIMEOUT)
 
 
 def _assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -78,10 +73,9 @@ def _overwrite_one_value(workdir: str, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("trained") / "run")
-  training.train_and_evaluate(tiny_config(tiny_data), workdir)
-  return workdir
+def trained(tiny_run):
+  """The default tiny run, shared by the session: read-only (run_copy gives a private copy)."""
+  return tiny_run()[0]
 
 
 @pytest.fixture

@@ -16,10 +16,9 @@ pytestmark = pytest.mark.devices(4)  # In-process runs and references use confte
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_data, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("run_full"))
-  result = training.train_and_evaluate(tiny_config(tiny_data), workdir)
-  return workdir, result
+def full_run(tiny_run):
+  """The default tiny run (shared by the session: read-only), and its TrainResult as a dict."""
+  return tiny_run()
 
 
 def _load_snapshots(workdir, config):
@@ -106,8 +105,10 @@ def test_interrupted_run_resumes_to_identical_snapshots(full_run, tiny_data, tmp
     jax.tree.map(np.testing.assert_array_equal, resumed[step], reference[step])
 
 
-def test_different_config_in_same_workdir_is_refused(full_run, tiny_data):
-  workdir, _ = full_run
+def test_different_config_in_same_workdir_is_refused(full_run, tiny_data, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)  # Not the shared run itself: the refused run takes its lock for a moment.
   before = sorted(os.listdir(os.path.join(workdir, "snapshots")))
   with pytest.raises(CheckpointError, match="different config.*init_lr"):
     training.train_and_evaluate(tiny_config(tiny_data, init_lr=0.3), workdir)
@@ -269,7 +270,7 @@ def test_snapshot_crcs_script_matches_the_checksums_saved_with_each_snapshot(ful
   ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
   try:
     exp = experiment.build(evaluation.load_run_config(workdir))
-    saved = {s: ckpt.restore_snapshot(s, exp.abstract_variables())[1]["checksums"] for s in result.snapshot_steps}
+    saved = {s: ckpt.restore_snapshot(s, exp.abstract_variables())[1]["checksums"] for s in result["snapshot_steps"]}
   finally:
     ckpt.close()
   assert crcs == {f"{s}/member0/{k}": v for s, sums in saved.items() for k, v in sums.items()}
