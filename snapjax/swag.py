@@ -7,7 +7,7 @@ The moments are a dict of arrays, so they live in a train state (and its checkpo
     theta_i, as the paper's Algorithm 1 and its reference code), every leaf with a leading axis of `rank`: a ring
     buffer, column ``(i - 1) % rank`` holding the i-th (1-based) iterate's deviation.
 
-A sample is ``mean + sqrt(var) * z1 / sqrt(2) + D z2 / sqrt(2 (K - 1))`` with ``var = max(sq_mean - mean^2, 0)``,
+A sample is ``mean + sqrt(var) * z1 / sqrt(2) + D z2 / sqrt(2 (K - 1))`` with ``var = sq_mean - mean^2`` (`swag_variance`),
 D the K = min(count, rank) deviation columns held, z1 ~ N(0, I) of the parameters' size and z2 ~ N(0, I_K): the
 covariance ``diag(var) / 2 + D D^T / (2 (K - 1))`` of the paper (the low-rank term is left out while K < 2).
 """
@@ -38,11 +38,10 @@ def swag_rank(moments: dict[str, Any]) -> int:
 def swag_collect(moments: dict[str, Any], params: PyTree) -> dict[str, Any]:
   """The moments after collecting one more iterate `params` (traceable; the paper's Algorithm 1)."""
   n = moments["count"]
-  w_old = n.astype(jnp.float32) / (n + 1).astype(jnp.float32)
-  w_new = 1.0 / (n + 1).astype(jnp.float32)
 
-  def moment(m, p, power):
-    return (m * w_old.astype(m.dtype) + p.astype(m.dtype) ** power * w_new.astype(m.dtype)).astype(m.dtype)
+  def moment(m, p, power):  # m + (p^power - m) / (n + 1): the running mean, as SWA's (exact for equal iterates).
+    x = p.astype(m.dtype) ** power
+    return (m + (x - m) / (n + 1).astype(m.dtype)).astype(m.dtype)
 
   mean = jax.tree.map(lambda m, p: moment(m, p, 1), moments["mean"], params)
   sq_mean = jax.tree.map(lambda m, p: moment(m, p, 2), moments["sq_mean"], params)
@@ -54,8 +53,15 @@ def swag_collect(moments: dict[str, Any], params: PyTree) -> dict[str, Any]:
 
 
 def swag_variance(moments: dict[str, Any]) -> PyTree:
-  """The diagonal variance ``max(sq_mean - mean^2, 0)`` of every parameter."""
-  return jax.tree.map(lambda s, m: jnp.maximum(s - m * m, 0), moments["sq_mean"], moments["mean"])
+  """The diagonal variance ``sq_mean - mean^2`` of every parameter, 0 where it is within rounding of 0.
+
+  A difference at most 4 ulp of sq_mean (negative ones included) is cancellation noise, not variance: it is taken as
+  0 (the reference clamps at 1e-30, which leaves such noise in, e.g. where XLA fuses ``mean^2`` into an FMA).
+  """
+  def var(s, m):
+    d = s - m * m
+    return jnp.where(d > 4 * jnp.finfo(s.dtype).eps * jnp.abs(s), d, 0).astype(s.dtype)
+  return jax.tree.map(var, moments["sq_mean"], moments["mean"])
 
 
 def swag_sample(moments: dict[str, Any], key: jax.Array, num_samples: int = 1) -> PyTree:
