@@ -30,8 +30,9 @@ def _assert_tree_close(a, b, **kw):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
 
 
-def test_swa_average_is_the_mean_of_the_collected_iterates(tiny_data, tmp_path):
-  config = tiny_config(tiny_data, **SWA, swa_bn="average")
+@pytest.mark.parametrize("smoothout_a", [0.0, 0.01])  # The plain step, and SmoothOut's under the same average.
+def test_swa_average_is_the_mean_of_the_collected_iterates(tiny_data, tmp_path, smoothout_a):
+  config = tiny_config(tiny_data, **SWA, swa_bn="average", smoothout_a=smoothout_a)
   result, states = _train_keeping_states(config, str(tmp_path / "run"))
   assert result.snapshot_steps == [64]
   collected = [states[s] for s in (32, 40, 48, 56, 64)]
