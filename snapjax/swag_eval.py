@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 
 from snapjax import bn_data, checkpoints, experiment, swag, weight_space
+from snapjax import progress as progress_lib
 from snapjax.errors import ConfigError
 
 DEFAULT_SAMPLES = 30
@@ -68,7 +69,9 @@ def expand(members: list[Any], exp: experiment.Experiment, configs: list[ml_coll
       logging.info("SWAG: %d samples of %s (member %d, %d iterates collected), BatchNorm statistics of each on %d "
                    "training batches", samples, m.workdir, m.member, int(moments["count"]), num)
     sampled = weight_space.recompute_batch_stats(bn_data.train_apply_fn(exp), {"params": params, "batch_stats": stats},
-                                                 bn_data.bn_batches(exp, train_arrays, num), stacked=True)
+                                                 bn_data.bn_batches(exp, train_arrays, num), stacked=True,
+                                                 progress=progress_lib.BatchProgress(
+                                                     f"BatchNorm statistics of {samples} SWAG samples", num))
     for s in range(samples):
       out.append(member_type(m.workdir, m.step, jax.tree.map(lambda a, s=s: a[s], sampled), m.member, m.seed))
     runs.append({"workdir": m.workdir, "member": m.member, "step": m.step, "collected": int(moments["count"]),
