@@ -23,6 +23,10 @@ flags.DEFINE_integer("bn_batches", None, "Training batches (of the run's batch s
                      "which --analyses recompute BatchNorm statistics (default 50, at most one epoch); 0 = one epoch.")
 flags.DEFINE_integer("interpolation_points", None, "Lambdas of --analyses=interpolation, evenly spaced in [0, 1] "
                      "with both ends (default 11: 0, 0.1, ..., 1).")
+flags.DEFINE_integer("swag_samples", 30, "A method=swag run's snapshot is scored as this many networks sampled from "
+                     "its SWAG posterior (each with BatchNorm statistics measured on its swa_bn_batches training "
+                     "batches); their ensemble is SWAG's Bayesian model average.")
+flags.DEFINE_integer("swag_seed", 0, "Seed of the SWAG samples.")
 flags.DEFINE_string("compilation_cache_dir", None, "Opt-in: keep compiled programs in this directory (local or a "
                     "bucket) and reuse them in later runs: JAX's persistent compilation cache.")
 flags.mark_flag_as_required("workdir")
@@ -39,7 +43,8 @@ def main(argv):
   passes = {k: getattr(FLAGS, k) for k in ("bn_batches", "interpolation_points") if getattr(FLAGS, k) is not None}
   report = cli.run_guarded(lambda: evaluation.evaluate_runs(
       FLAGS.workdir, last_m=FLAGS.last_m, out_dir=FLAGS.out_dir, data_overrides=overrides,
-      eval_batch_size=FLAGS.eval_batch_size, export_path=FLAGS.export, analyses=FLAGS.analyses, **passes))
+      eval_batch_size=FLAGS.eval_batch_size, export_path=FLAGS.export, analyses=FLAGS.analyses,
+      swag_samples=FLAGS.swag_samples, swag_seed=FLAGS.swag_seed, **passes))
   print(report_lib.summary(report))
   for line in report_lib.members_summary(report) + report_lib.analyses_summary(report):
     print(line)

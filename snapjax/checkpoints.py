@@ -66,8 +66,12 @@ class RunCheckpoints:
   def snapshot_steps(self) -> list[int]:
     return sorted(self._snaps.all_steps())
 
-  def save_snapshot(self, step: int, variables: Any, meta: dict[str, Any]) -> None:
+  def save_snapshot(self, step: int, variables: Any, meta: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> None:
     """Save a snapshot's variables (replicated arrays) and metadata, adding the arrays' checksums.
+
+    extra: more array pytrees saved beside the variables as items of their own (SWAG's moments: "swag"), read
+    back with `restore_extra`.
 
     The variables are saved as host (NumPy) arrays, the same values: orbax then records no sharding for them, so
     plain orbax (`ocp.StandardCheckpointer().restore(".../variables")`, README) restores them on any device
@@ -76,8 +80,29 @@ class RunCheckpoints:
     """
     variables = jax.tree.map(_host_or_self, variables)
     meta = {**meta, "checksums": array_checksums(variables)}
+    items = {name: ocp.args.StandardSave(jax.tree.map(_host_or_self, tree)) for name, tree in (extra or {}).items()}
+    if extra:
+      meta["extra_checksums"] = {name: array_checksums(tree) for name, tree in extra.items()}
     self._snaps.save(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)), force=True)
+        variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta), **items), force=True)
+
+  def restore_extra(self, step: int, name: str, abstract: Any) -> Any:
+    """The extra item `name` of the snapshot at `step` (`save_snapshot`), checked against its checksums."""
+    try:
+      out = self._snaps.restore(step, args=ocp.args.Composite(
+          **{name: ocp.args.StandardRestore(abstract)}, meta=ocp.args.JsonRestore()))
+      tree, meta = out[name], out.meta
+      jax.block_until_ready(tree)
+    except Exception as e:
+      reason = str(e).split("See full TensorStore details")[0].strip().splitlines()
+      raise CheckpointError(
+          f"snapshot at step {step} ({self.snapshot_path(step)}) has no readable {name!r} item "
+          f"({type(e).__name__}: {reason[0] if reason else ''})") from e
+    saved = ((meta or {}).get("extra_checksums") or {}).get(name)
+    if saved and saved != array_checksums(tree):
+      raise CheckpointError(f"snapshot at step {step} ({self.snapshot_path(step)}) is corrupt: its {name!r} arrays "
+                            f"differ from the checksums recorded when it was saved")
+    return tree
 
   def snapshot_path(self, step: int) -> str:
     return os.path.join(str(self._snaps.directory), str(step))

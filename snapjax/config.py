@@ -4,10 +4,13 @@ from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 
 # Allowed values of the string-valued fields; models and datasets are checked against their registries.
-SCHEDULES = ("cosine_cycles", "step")
-METHODS = ("snapshot", "single_cycle")
+SCHEDULES = ("cosine_cycles", "step", "fge", "swa")
+METHODS = ("snapshot", "single_cycle", "fge", "swa", "ema", "swag")
+AVERAGING_METHODS = ("swa", "ema", "swag")  # One snapshot at the end: the averaged network (snapjax/averaging.py).
+SWA_BN = ("recompute", "average")
 SMOOTHOUT_NOISES = ("uniform", "weight", "filter")
 MEMBER_STRATEGIES = ("auto", "loop", "map", "vmap")  # How one device group runs its members (snapjax/members.py).
 SMOOTHOUT_SCHEDULES = ("constant", "anneal", "tanh")
@@ -34,10 +37,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 200.0  # Training budget B in epochs; the loop converts it to update steps once.
   c.num_cycles = 5  # M: cosine cycles (= snapshots); with schedule="step", the number of equally spaced snapshots.
   c.init_lr = 0.2  # alpha0, the learning rate at the start of every cycle.
-  c.schedule = "cosine_cycles"  # "cosine_cycles" (Snapshot Ensemble, paper Eq. 2) or "step" (single-model baseline).
+  # "cosine_cycles" (Snapshot Ensemble, paper Eq. 2), "step" (single-model baseline), "fge" (FGE's pretraining and
+  # triangular cycles, method="fge" only) or "swa" (constant, linear to swa_lr, constant: SWA's reference schedule).
+  c.schedule = "cosine_cycles"
   # "snapshot": one network trained through every cycle (the paper's method); "single_cycle": a freshly
-  # initialised network per cycle (init keyed by seed and cycle), the SingleCycle Ensembles baseline.
+  # initialised network per cycle (init keyed by seed and cycle), the SingleCycle Ensembles baseline; "fge": Fast
+  # Geometric Ensembling (a snapshot at each FGE cycle's midpoint); "swa", "ema", "swag": one network whose weights
+  # are averaged in the train state, saved as the run's one snapshot (SWAG: with its moments, sampled by eval.py).
   c.method = "snapshot"
+  # FGE (Garipov et al. 2018; schedule="fge"): pretraining for this fraction of num_epochs with the reference's
+  # schedule (init_lr held to 50% of num_epochs, linear to 1% by 90%, as its train.py), then cycles.
+  c.fge_pretrain_fraction = 0.8  # The reference's 160 of 200 epochs.
+  c.fge_cycle_epochs = 2  # Epochs per cycle (even): fge_lr1 -> fge_lr2 at the midpoint (a model) -> fge_lr1.
+  c.fge_lr1 = 0.05  # The cycles' rate at their ends (reference README, ResNet/WRN on CIFAR-100).
+  c.fge_lr2 = 0.01  # ... and at their midpoints.
+  # SWA (Izmailov et al. 2018; schedule="swa"; methods swa, swag): the average collects from epoch swa_start on.
+  c.swa_start = config_dict.placeholder(float)  # Epoch the averaging starts at; None = 0.75 * num_epochs.
+  c.swa_lr = 0.05  # The constant rate of the averaging phase (reference default; its CIFAR-10 recipes 0.01).
+  c.swa_every_steps = config_dict.placeholder(int)  # Collect every this many updates; None = once per epoch.
+  # The averaged network's BatchNorm statistics: "recompute" (measured on swa_bn_batches training batches, as the
+  # reference's bn_update) or "average" (the running statistics averaged like the weights: torch's use_buffers).
+  c.swa_bn = "recompute"
+  c.swa_bn_batches = 50  # Training batches of batch_size for "recompute" (and SWAG's samples); 0 = one epoch.
+  c.ema_decay = 0.999  # method="ema": average = decay * average + (1 - decay) * weights after every update.
+  c.swag_rank = 20  # method="swag": deviation columns kept (the paper's K).
   c.batch_size = 64  # Global batch size, split evenly over all devices of all hosts.
   c.eval_batch_size = 500  # Global evaluation batch size (rounded up to a multiple of the device count).
   c.seed = 0  # Seeds initialisation, data order, augmentation and dropout.
@@ -141,6 +164,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.method == "single_cycle" and config.schedule != "cosine_cycles":
     raise ConfigError(f"method='single_cycle' trains one cosine cycle per model: it needs "
                       f"schedule='cosine_cycles', got schedule={config.schedule!r}")
+  validate_methods(config)
   if config.smoothout_noise not in SMOOTHOUT_NOISES:
     raise ConfigError(f"smoothout_noise={config.smoothout_noise!r} is not known; allowed: "
                       f"{', '.join(SMOOTHOUT_NOISES)}")
@@ -188,6 +212,64 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f"smoothout_chunks={config.smoothout_chunks} does not divide the per-device batch "
         f"{config.batch_size // num_devices} (batch_size={config.batch_size} over {num_devices} devices); "
         f"allowed: a divisor of {config.batch_size // num_devices}")
+
+
+def _finite_positive(config: ml_collections.ConfigDict, name: str, upper: float | None = None) -> None:
+  from snapjax.errors import ConfigError
+  v = config[name]
+  if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+      or (upper is not None and v >= upper)):
+    bound = f"in (0, {upper})" if upper is not None else "> 0"
+    raise ConfigError(f"{name} must be a finite number {bound}, got {v!r}")
+
+
+def validate_methods(config: ml_collections.ConfigDict) -> None:
+  """ConfigError (one line) for FGE, SWA, EMA and SWAG fields that are bad or do not fit the method or budget."""
+  from snapjax.errors import ConfigError
+  method, schedule = config.method, config.schedule
+  if (method == "fge") != (schedule == "fge"):
+    raise ConfigError(f"method='fge' and schedule='fge' go together (FGE's snapshots are its cycle midpoints), got "
+                      f"method={method!r}, schedule={schedule!r}; allowed: both 'fge', or neither")
+  if method in ("swa", "swag") and schedule != "swa":
+    raise ConfigError(f"method={method!r} averages the SWA phase: it needs schedule='swa', got schedule={schedule!r}")
+  if method in AVERAGING_METHODS and config.num_cycles != 1:
+    raise ConfigError(f"method={method!r} saves one snapshot, the averaged network, at the end: it needs "
+                      f"num_cycles=1, got num_cycles={config.num_cycles!r}")
+  for name in ("fge_lr1", "fge_lr2", "swa_lr"):
+    _finite_positive(config, name)
+  _finite_positive(config, "fge_pretrain_fraction", 1.0)
+  _finite_positive(config, "ema_decay", 1.0)
+  v = config.fge_cycle_epochs
+  if isinstance(v, bool) or not isinstance(v, int) or v < 2 or v % 2:
+    raise ConfigError(f"fge_cycle_epochs must be an even integer >= 2 (the model is collected at the cycle's "
+                      f"midpoint epoch), got {v!r}")
+  if schedule == "fge":
+    left = config.num_epochs * (1 - config.fge_pretrain_fraction)
+    if v > left + 1e-9:
+      raise ConfigError(f"fge_cycle_epochs={v} is longer than the {left:g} epochs left after pretraining "
+                        f"(num_epochs={config.num_epochs} x (1 - fge_pretrain_fraction={config.fge_pretrain_fraction}))"
+                        f"; allowed: an even number <= {left:g}")
+  v = config.swa_start
+  if v is not None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+      raise ConfigError(f"swa_start must be None (0.75 * num_epochs) or an epoch > 0, got {v!r}")
+    if schedule == "swa" and v > config.num_epochs:
+      raise ConfigError(f"swa_start={v} is past the end of training (num_epochs={config.num_epochs}); allowed: "
+                        f"0 < swa_start <= {config.num_epochs}")
+  v = config.swa_every_steps
+  if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+    raise ConfigError(f"swa_every_steps must be None (once per epoch) or an integer >= 1, got {v!r}")
+  if config.swa_bn not in SWA_BN:
+    raise ConfigError(f"swa_bn={config.swa_bn!r} is not known; allowed: {', '.join(SWA_BN)}")
+  if method == "swag" and config.swa_bn != "recompute":
+    raise ConfigError("method='swag' measures each sample's BatchNorm statistics on training batches: it needs "
+                      f"swa_bn='recompute', got swa_bn={config.swa_bn!r}")
+  v = config.swa_bn_batches
+  if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    raise ConfigError(f"swa_bn_batches must be an integer >= 0 (0: one epoch), got {v!r}")
+  v = config.swag_rank
+  if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    raise ConfigError(f"swag_rank must be an integer >= 1, got {v!r}")
 
 
 def training_members(config: ml_collections.ConfigDict) -> int:

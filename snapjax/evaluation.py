@@ -16,7 +16,7 @@ import numpy as np
 
 import snapjax
 from snapjax import analysis, checkpoints, data, ensemble, experiment, export, progress, report as report_lib, scoring
-from snapjax import weight_analyses
+from snapjax import swag_eval, weight_analyses
 from snapjax import config as config_lib, workdir as workdir_lib
 from snapjax.errors import CheckpointError, ConfigError
 
@@ -256,7 +256,8 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
                   data_overrides: dict[str, str] | None = None, eval_batch_size: int | None = None,
                   plot: bool = True, export_path: str | None = None, analyses: list[str] | None = None,
                   bn_batches: int = weight_analyses.DEFAULT_BN_BATCHES,
-                  interpolation_points: int = weight_analyses.DEFAULT_INTERPOLATION_POINTS) -> dict[str, Any]:
+                  interpolation_points: int = weight_analyses.DEFAULT_INTERPOLATION_POINTS,
+                  swag_samples: int = swag_eval.DEFAULT_SAMPLES, swag_seed: int = 0) -> dict[str, Any]:
   """Scores each snapshot of the runs, every last-m and first-m ensemble and the analyses; writes the report.
 
   report.json, report.md and (with plot) error_vs_m.png, reliability.png, diversity.png, and interpolation.png
@@ -278,6 +279,8 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
       "interpolation"); they pass over training batches (see `weight_analyses`).
     bn_batches: training batches on which the analyses measure BatchNorm statistics (0: one epoch).
     interpolation_points: lambdas of the interpolation, evenly spaced in [0, 1] with both ends.
+    swag_samples, swag_seed: a method="swag" run's snapshot is scored as this many samples of its SWAG
+      posterior, keyed by the seed (snapjax/swag_eval.py); their ensemble is SWAG's model average.
 
   Returns:
     The report: "snapshots" (each one's workdir, member, step, error, nll, count), "ensembles" (each last-m of
@@ -305,6 +308,7 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   if export_path is not None:
     check_export_path(export_path)
   analyses = weight_analyses.check_args(analyses, bn_batches, interpolation_points)
+  swag_eval.check_args(swag_samples, swag_seed)
   configs = [load_run_config(wd) for wd in workdirs]
   check_compatible(configs, workdirs)
   config = configs[0]
@@ -315,6 +319,8 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
 
   # Cheap checks first: snapshot lists and last_m, then the test data, before restoring or compiling anything.
   num_snaps = _count_snapshots(workdirs)
+  swag_runs = any(swag_eval.is_swag(c) for c in configs)  # Each SWAG snapshot is scored as swag_samples networks.
+  num_snaps += sum((swag_samples - 1) * num_members(wd) for c, wd in zip(configs, workdirs) if swag_eval.is_swag(c))
   if last_m is not None and (isinstance(last_m, bool) or not 1 <= last_m <= max(num_snaps, 1)):
     raise ConfigError(f"last_m={last_m} is out of range; allowed: 1..{num_snaps} (the number of snapshots)")
   if analyses and num_snaps < 2:
@@ -325,7 +331,12 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     train_arrays = weight_analyses.load_bn_data(exp)
     num_train = len(train_arrays[1]) if train_arrays is not None else exp.spec.num_train
     num_bn = weight_analyses.num_bn_batches(exp, num_train, bn_batches)
+  if swag_runs:  # SWAG's samples need their BatchNorm statistics measured on training batches.
+    swag_arrays = train_arrays if analyses else weight_analyses.load_bn_data(exp)
   members = restore_members(workdirs, exp)
+  if swag_runs:
+    members, swag_entry = swag_eval.expand(members, exp, configs, list(workdirs), samples=swag_samples,
+                                           seed=swag_seed, train_arrays=swag_arrays, member_type=Member)
   num = len(members)
   last_m = last_m or num
   steps = [(m.workdir, m.step) for m in members]
@@ -348,6 +359,8 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
       **member_entries(keys, groups, finals, steps, scores),
       **analysis_entries(scores, steps),
   }
+  if swag_runs:
+    report["swag"] = swag_entry
   if analyses:
     report.update(weight_analyses.run(exp, stacked, steps, analyses, train_arrays=train_arrays,
                                       test_arrays=test_arrays, num_batches=num_bn,

@@ -54,6 +54,9 @@ def paper_config(model: str, dataset: str, init_lr: float = 0.2) -> ml_collectio
 PAPER_METHODS = ("snapshot", "snapshot_lr0.1", "single", "nocycle", "single_cycle", "dropout")
 NOCYCLE_SNAPSHOTS = 6  # NoCycle Snapshot Ensemble: 6 snapshots equally spaced along the single-model schedule.
 DROPOUT_MODELS = ("wrn", "densenet")  # Model families of the paper's Dropout rows (ResNets have no dropout).
+# The methods that followed Snapshot Ensembles (issue 20), on the same budget: FGE, SWA, EMA of the weights, SWAG.
+FIELD_METHODS = ("fge", "swa", "ema", "swag")
+METHODS = PAPER_METHODS + FIELD_METHODS
 
 
 def apply_method(c: ml_collections.ConfigDict, method: str | None) -> ml_collections.ConfigDict:
@@ -66,13 +69,21 @@ def apply_method(c: ml_collections.ConfigDict, method: str | None) -> ml_collect
     nocycle: the same step schedule with NOCYCLE_SNAPSHOTS snapshots equally spaced (NoCycle Snapshot Ensemble).
     single_cycle: SingleCycle Ensembles: M fresh models, one cosine cycle each, at the config's alpha0.
     dropout: the single model with dropout p = 0.2 (WRN and DenseNet models only).
+  and the methods that followed (FIELD_METHODS; README, "FGE, SWA, EMA and SWAG"), all at lr 0.1 as the single model:
+    fge: Fast Geometric Ensembling: FGE's schedule (pretraining for 0.8 of the budget, then 2-epoch triangular
+      cycles 0.05 -> 0.01 -> 0.05), a snapshot at each cycle's midpoint.
+    swa: SWA's schedule (0.1, linear to swa_lr = 0.05, held from swa_start = 0.75 B), the weights averaged once per
+      epoch from swa_start; one snapshot, the average, BatchNorm statistics measured on training batches.
+    swag: swa, with SWAG's moments (rank 20) saved beside the snapshot; eval.py samples it.
+    ema: the single model's step schedule with an exponential average of the weights (decay 0.999) after every
+      update; one snapshot, the average.
 
   Raises:
-    ConfigError: `method` is not one of PAPER_METHODS, or dropout for a model without dropout.
+    ConfigError: `method` is not one of METHODS, or dropout for a model without dropout.
   """
   method = method or "snapshot"
-  if method not in PAPER_METHODS:
-    raise ConfigError(f"config argument {method!r} is not a Table 1 method; allowed: {', '.join(PAPER_METHODS)} "
+  if method not in METHODS:
+    raise ConfigError(f"config argument {method!r} is not a method; allowed: {', '.join(METHODS)} "
                       f"(e.g. --config configs/cifar10_wrn32_4.py:single_cycle)")
   if method == "dropout" and not c.model.startswith(DROPOUT_MODELS):
     raise ConfigError(f"method 'dropout' needs a model with dropout (the paper's WRN and DenseNet rows); "
@@ -87,4 +98,7 @@ def apply_method(c: ml_collections.ConfigDict, method: str | None) -> ml_collect
       c.dropout_rate = 0.2
   elif method == "single_cycle":
     c.method = "single_cycle"
+  elif method in FIELD_METHODS:
+    c.method, c.init_lr, c.num_cycles = method, 0.1, 1
+    c.schedule = {"fge": "fge", "swa": "swa", "swag": "swa", "ema": "step"}[method]
   return c

@@ -250,10 +250,153 @@ def steps_for_epochs(num_epochs: float, steps_per_epoch: int) -> int:
   return max(1, math.floor(exact + fractions.Fraction(1, 2)))
 
 
+def _float32(value: float) -> np.float32:
+  return np.float32(value)
+
+
+def fge_schedule(init_value: float, lr1: float, lr2: float, *, num_epochs: float, steps_per_epoch: int,
+                 pretrain_steps: int, cycle_epochs: int) -> optax.Schedule:
+  """Fast Geometric Ensembling's learning rate (Garipov et al. 2018): pretraining, then triangular cycles.
+
+  Transcribes the reference code (timgaripov/dnn-mode-connectivity). With ``c`` the 0-based update count and
+  ``e = c // steps_per_epoch`` its 0-based epoch, pretraining (``c < pretrain_steps``) follows `train.py`'s
+  ``learning_rate_schedule`` at the 1-based epoch ``e + 1`` of the whole budget ``num_epochs``:
+  ``alpha = (e + 1) / num_epochs``, factor 1 for ``alpha <= 0.5``, ``1 - 0.99 (alpha - 0.5) / 0.4`` for
+  ``alpha <= 0.9``, else 0.01 (the reference trains 200 epochs with it and starts FGE from epoch 160). Then
+  `utils.cyclic_learning_rate` per update: with ``j = c - pretrain_steps``, ``t = ((j // spe) % cycle_epochs +
+  (j % spe) / spe) / cycle_epochs``; ``lr1 (1 - 2t) + lr2 2t`` for ``t < 0.5``, else ``lr1 (2t - 1) + lr2 (2 - 2t)``.
+
+  Args:
+    init_value: The pretraining rate, a finite number > 0.
+    lr1, lr2: The cycles' rates at their ends and at their midpoints, finite numbers > 0.
+    num_epochs: The whole budget in epochs (pretraining and cycles), a finite number > 0.
+    steps_per_epoch: Updates per epoch, an integer >= 1.
+    pretrain_steps: Updates before the first cycle, an integer >= 1.
+    cycle_epochs: Epochs per cycle, an even integer >= 2 (the reference asserts it).
+
+  Returns:
+    A schedule mapping an integer update count to the float32 rate.
+
+  Examples:
+    >>> import snapjax
+    >>> s = snapjax.fge_schedule(0.1, 0.05, 0.01, num_epochs=4, steps_per_epoch=2, pretrain_steps=4, cycle_epochs=2)
+    >>> [round(float(s(c)), 4) for c in range(8)]
+    [0.1, 0.1, 0.1, 0.1, 0.05, 0.03, 0.01, 0.03]
+  """
+  init_value = _check_positive("init_value", init_value)
+  lr1, lr2 = _check_positive("lr1", lr1), _check_positive("lr2", lr2)
+  num_epochs = _check_positive("num_epochs", num_epochs)
+  spe = _check_int("steps_per_epoch", steps_per_epoch, 1)
+  pretrain = _check_int("pretrain_steps", pretrain_steps, 1)
+  cycle = _check_int("cycle_epochs", cycle_epochs, 2)
+  if cycle % 2:
+    raise ValueError(f"cycle_epochs must be even (the model is collected at the cycle's midpoint epoch), got {cycle}")
+  f32 = _float32
+
+  def schedule(count: Any) -> jnp.ndarray:
+    count = jnp.asarray(_as_count(count))
+    epoch = count // spe
+    alpha = (epoch + 1).astype(jnp.float32) / f32(num_epochs)
+    factor = jnp.where(alpha <= 0.5, f32(1.0),
+                       jnp.where(alpha <= 0.9, f32(1.0) - (alpha - f32(0.5)) / f32(0.4) * f32(0.99), f32(0.01)))
+    j = jnp.maximum(count - pretrain, 0)
+    t = ((j // spe) % cycle + (j % spe).astype(jnp.float32) / f32(spe)) / f32(cycle)
+    two_t = f32(2.0) * t
+    cyclic = jnp.where(t < 0.5, f32(lr1) * (f32(1.0) - two_t) + f32(lr2) * two_t,
+                       f32(lr1) * (two_t - f32(1.0)) + f32(lr2) * (f32(2.0) - two_t))
+    return jnp.where(count < pretrain, f32(init_value) * factor, cyclic).astype(jnp.float32)
+
+  return schedule
+
+
+def fge_snapshot_steps(total_steps: int, steps_per_epoch: int, pretrain_steps: int, cycle_epochs: int) -> list[int]:
+  """The update numbers after which FGE collects a model: the end of each cycle's middle epoch (lr = lr2).
+
+  The reference collects after FGE epoch ``e`` (0-based) when ``e % cycle + 1 == cycle // 2``: after update
+  ``pretrain_steps + (k * cycle_epochs + cycle_epochs // 2) * steps_per_epoch`` for k = 0, 1, ... while within
+  ``total_steps`` (a last cycle cut by the budget still gives its model if it reaches its midpoint).
+
+  Raises:
+    ValueError: On bad arguments, or if no midpoint falls within the budget.
+
+  Examples:
+    >>> import snapjax
+    >>> snapjax.fge_snapshot_steps(total_steps=20, steps_per_epoch=2, pretrain_steps=8, cycle_epochs=2)
+    [10, 14, 18]
+  """
+  total = _check_budget(total_steps, 1)
+  spe = _check_int("steps_per_epoch", steps_per_epoch, 1)
+  pretrain = _check_int("pretrain_steps", pretrain_steps, 1)
+  cycle = _check_int("cycle_epochs", cycle_epochs, 2)
+  if cycle % 2:
+    raise ValueError(f"cycle_epochs must be even, got {cycle}")
+  steps, k = [], 0
+  while pretrain + (k * cycle + cycle // 2) * spe <= total:
+    steps.append(pretrain + (k * cycle + cycle // 2) * spe)
+    k += 1
+  if not steps:
+    raise ValueError(f"no FGE cycle midpoint within the budget: {total - pretrain} updates after pretraining, the "
+                     f"first midpoint is {cycle // 2 * spe} updates in")
+  return steps
+
+
+def swa_schedule(init_value: float, swa_lr: float, *, steps_per_epoch: int, swa_start: float) -> optax.Schedule:
+  """SWA's learning rate (Izmailov et al. 2018, timgaripov/swa `train.py` `schedule`), per epoch.
+
+  With ``e = c // steps_per_epoch`` the 0-based epoch of the 0-based update count ``c`` and ``t = e / swa_start``:
+  ``init_value`` for ``t <= 0.5``, linear to ``swa_lr`` at ``t = 0.9``, then ``swa_lr`` (through the averaging
+  phase, which starts after epoch ``swa_start``).
+
+  Examples:
+    >>> import snapjax
+    >>> s = snapjax.swa_schedule(0.1, 0.05, steps_per_epoch=1, swa_start=10)
+    >>> [round(float(s(c)), 4) for c in (0, 5, 7, 9, 12)]
+    [0.1, 0.1, 0.075, 0.05, 0.05]
+  """
+  init_value = _check_positive("init_value", init_value)
+  swa_lr = _check_positive("swa_lr", swa_lr)
+  spe = _check_int("steps_per_epoch", steps_per_epoch, 1)
+  swa_start = _check_positive("swa_start", swa_start)
+  f32 = _float32
+  ratio = swa_lr / init_value
+
+  def schedule(count: Any) -> jnp.ndarray:
+    count = jnp.asarray(_as_count(count))
+    t = (count // spe).astype(jnp.float32) / f32(swa_start)
+    factor = jnp.where(t <= 0.5, f32(1.0),
+                       jnp.where(t <= 0.9, f32(1.0) - f32(1.0 - ratio) * (t - f32(0.5)) / f32(0.4), f32(ratio)))
+    return (f32(init_value) * factor).astype(jnp.float32)
+
+  return schedule
+
+
+def averaging_steps(total_steps: int, start_step: int, every: int) -> range:
+  """The update numbers after which a running weight average collects: ``start_step, start_step + every, ...``.
+
+  SWA collects at the end of epoch ``swa_start`` and every ``swa_c_epochs`` after (timgaripov/swa), so
+  ``start_step = swa_start * steps_per_epoch`` and ``every = steps_per_epoch`` for one average per epoch.
+
+  Examples:
+    >>> import snapjax
+    >>> list(snapjax.averaging_steps(total_steps=10, start_step=6, every=2))
+    [6, 8, 10]
+  """
+  total = _check_budget(total_steps, 1)
+  start = _check_int("start_step", start_step, 1)
+  every = _check_int("every", every, 1)
+  if start > total:
+    raise ValueError(f"start_step={start} is past the end of the budget ({total} updates)")
+  return range(start, total + 1, every)
+
+
 __all__ = [
+    "averaging_steps",
+    "fge_schedule",
+    "fge_snapshot_steps",
     "nocycle_snapshot_steps",
     "snapshot_schedule",
     "snapshot_steps",
     "step_schedule",
     "steps_for_epochs",
+    "swa_schedule",
 ]

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from snapjax import data, dispatch, schedules, smoothout as smoothout_lib, utilisation
+from snapjax import averaging as averaging_lib, data, dispatch, schedules, smoothout as smoothout_lib, utilisation
 from snapjax.errors import ConfigError
 from snapjax.experiment import DATA_AXIS, Experiment, put_sharded
 
@@ -51,9 +51,16 @@ def make_plan(config: ml_collections.ConfigDict, num_train: int) -> Plan:
           f"or raise num_epochs")
     if config.schedule == "cosine_cycles":
       snaps = schedules.snapshot_steps(total, config.num_cycles)
+    elif config.schedule == "fge":
+      snaps = schedules.fge_snapshot_steps(total, steps_per_epoch, fge_pretrain_steps(config, steps_per_epoch),
+                                           config.fge_cycle_epochs)
     else:
       snaps = schedules.nocycle_snapshot_steps(total, config.num_cycles)
-    make_schedule(config, total)  # Checks the budget against the schedule's own rules.
+    make_schedule(config, total, steps_per_epoch)  # Checks the budget against the schedule's own rules.
+    averaging = averaging_lib.from_config(config, steps_per_epoch)
+    if averaging is not None and averaging.start_step > total:
+      raise ConfigError(f"swa_start={averaging_lib.swa_start_epochs(config):g} epochs ({averaging.start_step} updates "
+                        f"at {steps_per_epoch} steps/epoch) is past the end of training ({total} updates)")
   except ConfigError:
     raise
   except ValueError as e:
@@ -63,10 +70,29 @@ def make_plan(config: ml_collections.ConfigDict, num_train: int) -> Plan:
   return Plan(steps_per_epoch, total, tuple(snaps))
 
 
-def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """The config's learning-rate schedule over total_steps updates (paper Eq. 2, or the step baseline)."""
+def fge_pretrain_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """FGE's pretraining updates: fge_pretrain_fraction of num_epochs, in steps."""
+  return schedules.steps_for_epochs(config.fge_pretrain_fraction * config.num_epochs, steps_per_epoch)
+
+
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int,
+                  steps_per_epoch: int | None = None) -> optax.Schedule:
+  """The config's learning-rate schedule over total_steps updates (paper Eq. 2, the step baseline, FGE's, SWA's).
+
+  steps_per_epoch: needed by the "fge" and "swa" schedules, which count epochs as their reference code does.
+  """
   if config.schedule == "cosine_cycles":
     return schedules.snapshot_schedule(config.init_lr, total_steps, config.num_cycles)
+  if config.schedule in ("fge", "swa"):
+    if steps_per_epoch is None:
+      raise ValueError(f"schedule={config.schedule!r} needs steps_per_epoch")
+    if config.schedule == "fge":
+      return schedules.fge_schedule(config.init_lr, config.fge_lr1, config.fge_lr2, num_epochs=config.num_epochs,
+                                    steps_per_epoch=steps_per_epoch,
+                                    pretrain_steps=fge_pretrain_steps(config, steps_per_epoch),
+                                    cycle_epochs=config.fge_cycle_epochs)
+    return schedules.swa_schedule(config.init_lr, config.swa_lr, steps_per_epoch=steps_per_epoch,
+                                  swa_start=averaging_lib.swa_start_epochs(config))
   return schedules.step_schedule(config.init_lr, total_steps)
 
 
@@ -82,10 +108,14 @@ def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
 
 
 def init_state(exp: Experiment, tx: optax.GradientTransformation, rng: jax.Array) -> PyTree:
-  """Train state {step, params, batch_stats, opt_state} of a fresh model."""
+  """Train state {step, params, batch_stats, opt_state} of a fresh model; methods swa, ema, swag add its average."""
   variables = exp.init_variables(rng)
-  return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-          "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"])}
+  state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+           "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"])}
+  averaging = averaging_lib.from_config(exp.config, 1)  # Only what it holds matters here, not when it collects.
+  if averaging is not None:
+    state["average"] = averaging_lib.init(averaging, variables)
+  return state
 
 
 def make_smoothout(config: ml_collections.ConfigDict, plan: Plan) -> smoothout_lib.SmoothOut | None:
@@ -99,13 +129,18 @@ def make_smoothout(config: ml_collections.ConfigDict, plan: Plan) -> smoothout_l
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule, dropout_key: jax.Array,
-                    smoothout: smoothout_lib.SmoothOut | None = None, num_shards: int = 1) -> StepFn:
+                    smoothout: smoothout_lib.SmoothOut | None = None, num_shards: int = 1,
+                    averaging: averaging_lib.Averaging | None = None) -> StepFn:
   """One SGD update on a global batch: (state, x, y) -> (state, metrics). Shardings come from jit.
 
   With `smoothout` (a > 0) the gradient is taken at perturbed weights (`smoothout_step`); None or a = 0 is the
   plain step. num_shards: how many devices the batch is split over (SmoothOut's chunks are cut from each
-  device's local batch, so they move no data between devices).
+  device's local batch, so they move no data between devices). With `averaging` (methods swa, ema, swag) the
+  state's average collects after the update when its step is due (`averaging.wrap_step`).
   """
+  if averaging is not None:
+    return averaging_lib.wrap_step(make_train_step(model, tx, schedule, dropout_key, smoothout, num_shards),
+                                   averaging)
   if smoothout is not None and smoothout.a:
     return smoothout_step(model, tx, schedule, dropout_key, smoothout, num_shards)
 

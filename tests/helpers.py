@@ -53,7 +53,7 @@ def train_parts(config):
   exp = experiment.build(config)
   arrays = exp.load_split(exp.spec.train_split)
   plan = train_step.make_plan(config, len(arrays[1]))
-  schedule = train_step.make_schedule(config, plan.total_steps)
+  schedule = train_step.make_schedule(config, plan.total_steps, plan.steps_per_epoch)
   return exp, arrays, plan, schedule, train_step.make_optimizer(config, schedule)
 
 

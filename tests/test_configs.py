@@ -71,8 +71,8 @@ def test_every_method_of_every_paper_config_is_valid_and_the_papers(name):
 
 @pytest.mark.parametrize("name", ["cifar10_wrn32_4", "fashion_mnist"])
 def test_unknown_method_names_the_allowed_ones(name):
-  with pytest.raises(ConfigError, match="'snapshots' is not a Table 1 method; allowed: snapshot, snapshot_lr0.1, "
-                                        "single, nocycle, single_cycle, dropout"):
+  with pytest.raises(ConfigError, match="'snapshots' is not a method; allowed: snapshot, snapshot_lr0.1, "
+                                        "single, nocycle, single_cycle, dropout, fge, swa, ema, swag"):
     configs.load(name).get_config("snapshots")
 
 
@@ -130,10 +130,14 @@ def test_dropout_models_ignore_the_dropout_rng_in_eval_mode(name):
 @pytest.mark.parametrize("arg, needles", [
     ("configs/cifar10_resnet110.py:dropout", ["--config=configs/cifar10_resnet110.py:dropout:", "method 'dropout'",
                                               "model='resnet110' has none", "single_cycle"]),
-    ("configs/cifar10_wrn32_4.py:bogus", ["'bogus' is not a Table 1 method", "allowed: snapshot, snapshot_lr0.1"]),
-    ("configs/quickstart.py:single", ["configs/quickstart.py:single", "takes no ':ARGUMENT'"]),
+    ("configs/cifar10_wrn32_4.py:bogus", ["'bogus' is not a method", "allowed: snapshot, snapshot_lr0.1"]),
+    ("configs/quickstart.py:bogus", ["'bogus' is not a method", "fge, swa, ema, swag"]),
+    ("{tmp}/plain.py:single", ["plain.py:single", "takes no ':ARGUMENT'"]),
 ])
 def test_train_py_bad_method_is_one_line_and_exit_code_2(arg, needles, tmp_path):
+  (tmp_path / "plain.py").write_text("from snapjax import methods\n\n\ndef get_config():\n"
+                                     "  return methods.quickstart_config()\n")
+  arg = arg.format(tmp=tmp_path)
   workdir = tmp_path / "run"
   proc = helpers.run_python(["train.py", "--config", arg, "--workdir", str(workdir)], env=helpers.subprocess_env(4),
                             timeout=120)
@@ -141,3 +145,30 @@ def test_train_py_bad_method_is_one_line_and_exit_code_2(arg, needles, tmp_path)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert lines[-1].startswith("error: ") and all(n in lines[-1] for n in needles), lines[-1]
   assert not workdir.exists()
+
+
+FIELD_METHODS = ("fge", "swa", "ema", "swag")
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS) + ["fashion_mnist", "quickstart"])
+def test_fge_swa_ema_swag_of_every_config_keep_its_budget(name):
+  module = configs.load(name)
+  default = module.get_config()
+  spec = data.get_spec(default.dataset)
+  num_train = 10_000 if default.dataset == "fashion_mnist" else spec.num_train
+  for method in FIELD_METHODS:
+    c = module.get_config(method)
+    config_lib.validate(c, 4)
+    assert (c.method, c.init_lr, c.num_cycles) == (method, 0.1, 1)
+    assert c.schedule == {"fge": "fge", "swa": "swa", "swag": "swa", "ema": "step"}[method]
+    changed = ("schedule", "init_lr", "num_cycles", "method")
+    assert {k: v for k, v in c.to_dict().items() if k not in changed} == {
+        k: v for k, v in default.to_dict().items() if k not in changed}, (name, method)
+    plan = train_step.make_plan(c, num_train)
+    assert plan.total_steps == num_train // c.batch_size * int(c.num_epochs)
+    if method == "fge":  # 0.8 B of pretraining, then 2-epoch cycles: (0.2 B) / 2 models, one per cycle midpoint.
+      assert len(plan.snapshot_steps) == round(0.2 * c.num_epochs) // 2
+      spe = plan.steps_per_epoch
+      assert plan.snapshot_steps[0] == round(0.8 * c.num_epochs) * spe + spe
+    else:
+      assert plan.snapshot_steps == (plan.total_steps,)

@@ -11,7 +11,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from snapjax import checkpoints, dispatch, ensemble, members as members_lib, scoring, train_step
+from snapjax import averaging as averaging_lib, checkpoints, dispatch, ensemble, members as members_lib, scoring
+from snapjax import train_step
 from snapjax.errors import CheckpointError, ConfigError
 from snapjax.train.base import Hooks, PyTree
 from snapjax.train.setup import Run
@@ -86,7 +87,7 @@ class KMembers:
 
     def make_step(dropout_key):
       step_fn = train_step.make_train_step(run.exp.model, run.tx, run.schedule, dropout_key, smoothout=smoothout,
-                                           num_shards=num_shards)
+                                           num_shards=num_shards, averaging=run.averaging)
       return hooks.wrap_step(step_fn) if hooks.wrap_step else step_fn
 
     source = members_lib.MemberBatches(run.exp, self.mesh, run.train_arrays, run.plan, self.mp, self.keys,
@@ -98,22 +99,32 @@ class KMembers:
     return dispatch.dispatch_end(done, self.run.settings.steps_per_dispatch, self.total_steps,
                                  at=self.snapshot_steps + self._epoch_ends, every=every)
 
-  def _snapshot(self, state: PyTree, step: int, js: list[int]) -> tuple[PyTree, dict[str, Any]]:
-    """Variables (stacked over the K seed members when K > 1) and metadata of the snapshot at global `step`."""
-    mp = self.mp
-    variables = members_lib.take({"params": state["params"], "batch_stats": state["batch_stats"]}, js, self.mesh)
+  def _snapshot(self, state: PyTree, step: int, js: list[int]) -> tuple[PyTree, dict[str, Any], dict[str, Any] | None]:
+    """Variables (stacked over the K seed members when K > 1), metadata and extra items (SWAG's moments) of the
+    snapshot at global `step`; for methods swa, ema, swag the averaged networks."""
+    mp, averaging = self.mp, self.run.averaging
+    extra = None
+    if averaging is None:
+      variables = members_lib.take({"params": state["params"], "batch_stats": state["batch_stats"]}, js, self.mesh)
+    else:
+      variables = members_lib.take(averaging_lib.averaged_variables(averaging, state), js, self.mesh)
+      # On the data mesh of the BatchNorm batches: from the host copy every process holds (replicated).
+      variables = self.run.averaged_snapshot(jax.tree.map(_host, variables), stacked=True)
+      if averaging.kind == "swag":
+        extra = {"swag": members_lib.take(averaging_lib.swag_moments(state), js, self.mesh)}
     meta = self.run.snapshot_meta(step)
     if mp.num_members > 1:
       meta.update(members=[mp.member_of(j) for j in js], seeds=[mp.seeds[j] for j in js])
     else:
       variables = jax.tree.map(lambda a: a[0], variables)
-    return variables, meta
+      extra = None if extra is None else jax.tree.map(lambda a: a[0], extra)
+    return variables, meta, extra
 
   def take_snapshots(self, state: PyTree, i: int) -> list[dict[str, Any]]:
     """Score (if the config says so) and save the snapshots due after loop step i; their scores, per member."""
     run, mp, scores = self.run, self.mp, []
     for step, js in mp.snapshots_at(i).items():
-      variables, meta = self._snapshot(state, step, js)
+      variables, meta, extra = self._snapshot(state, step, js)
       if run.settings.eval_snapshots:
         stacked = variables if mp.num_members > 1 else ensemble.stack_snapshots([variables])
         s = scoring.score_snapshots(run.exp.apply_fn, stacked, run.exp.test_batches(arrays=run.test_arrays)).members
@@ -127,7 +138,7 @@ class KMembers:
         run.writer.write_scalars(step, {"snapshot/error": float(np.mean(errors)),
                                         "snapshot/nll": float(np.mean(nlls))})
       if step not in run.ckpt.snapshot_steps():
-        run.ckpt.save_snapshot(step, variables, meta)
+        run.ckpt.save_snapshot(step, variables, meta, extra=extra)
     return scores
 
   def _check_snapshots(self, start: int, state: PyTree) -> None:
@@ -143,7 +154,8 @@ class KMembers:
         if i != start:
           raise CheckpointError(f"snapshot at step {step} is missing from {ckpt.workdir}/snapshots but the run "
                                 f"resumed at loop step {start}; pass --fresh to retrain")
-        ckpt.save_snapshot(step, *self._snapshot(state, step, js))
+        variables, meta, extra = self._snapshot(state, step, js)
+        ckpt.save_snapshot(step, variables, meta, extra=extra)
         logging.warning("Snapshot at step %d was missing; re-saved it from the train state.", step)
 
   def next_model(self, state: PyTree, i: int) -> PyTree:
@@ -160,3 +172,8 @@ class KMembers:
       logging.info("SingleCycle: model %d/%d of every member starts at step %d from a fresh init", c + 1,
                    len(snaps), i)
     return state
+
+
+def _host(a: jax.Array) -> np.ndarray:
+  """A replicated array's value, from this process's copy."""
+  return np.asarray(a.addressable_data(0))

@@ -10,7 +10,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-from snapjax import checkpoints, data, dispatch, ensemble, scoring, train_step
+from snapjax import averaging as averaging_lib, checkpoints, data, dispatch, ensemble, scoring, train_step
 from snapjax.errors import CheckpointError
 from snapjax.train.base import Hooks, PyTree
 from snapjax.train.setup import Run
@@ -53,7 +53,7 @@ class OneMember:
     run = self.run
     step_fn = train_step.make_train_step(run.exp.model, run.tx, run.schedule, self._dropout_key,
                                          smoothout=train_step.make_smoothout(run.config, run.plan),
-                                         num_shards=run.exp.mesh.devices.size)
+                                         num_shards=run.exp.mesh.devices.size, averaging=run.averaging)
     source = self._batch_source(start)
     self._period, self._steps_per_dispatch = source.period, source.steps_per_dispatch
     return source.compile(self.hooks.wrap_step(step_fn) if self.hooks.wrap_step else step_fn)
@@ -79,7 +79,7 @@ class OneMember:
   def take_snapshots(self, state: PyTree, step: int) -> list[dict[str, Any]]:
     """Score the snapshot of this step (if the config says so) and save it with its score in its metadata."""
     run = self.run
-    variables = snapshot_variables(state)
+    variables, extra = self._snapshot_variables(state)
     meta = run.snapshot_meta(step)
     scores = []
     if run.settings.eval_snapshots:  # Scored before its save starts, so the score lands in its metadata.
@@ -92,8 +92,16 @@ class OneMember:
                      step, s.error, s.nll)
       run.writer.write_scalars(step, {"snapshot/error": s.error, "snapshot/nll": s.nll})
     if step not in run.ckpt.snapshot_steps():
-      run.ckpt.save_snapshot(step, variables, meta)
+      run.ckpt.save_snapshot(step, variables, meta, extra=extra)
     return scores
+
+  def _snapshot_variables(self, state: PyTree) -> tuple[PyTree, dict[str, PyTree] | None]:
+    """A snapshot's variables (the averaged network's for methods swa, ema, swag) and extra items (SWAG's moments)."""
+    averaging = self.run.averaging
+    if averaging is None:
+      return snapshot_variables(state), None
+    variables = self.run.averaged_snapshot(averaging_lib.averaged_variables(averaging, state))
+    return variables, {"swag": averaging_lib.swag_moments(state)} if averaging.kind == "swag" else None
 
   def next_model(self, state: PyTree, step: int) -> PyTree:
     return self._next_model(state, step)
@@ -115,7 +123,8 @@ class OneMember:
       if s > start or s in saved:
         continue
       if s == start:  # Killed after the state save committed but before the snapshot's: the state has it.
-        run.ckpt.save_snapshot(s, snapshot_variables(state), run.snapshot_meta(s))
+        variables, extra = self._snapshot_variables(state)
+        run.ckpt.save_snapshot(s, variables, run.snapshot_meta(s), extra=extra)
         logging.warning("Snapshot at step %d was missing; re-saved it from the train state.", s)
       else:
         raise CheckpointError(

@@ -10,7 +10,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from snapjax import checkpoints, experiment, members, train_step, utilisation, workdir as workdir_lib, workdir_lock
+from snapjax import averaging as averaging_lib, bn_data, checkpoints, experiment, members, train_step, utilisation
+from snapjax import weight_space
+from snapjax import workdir as workdir_lib, workdir_lock
 from snapjax import config as config_lib
 
 
@@ -65,6 +67,21 @@ class Run:
   lock: Any = None
   ckpt: checkpoints.RunCheckpoints | None = None
   writer: Any = None
+  averaging: averaging_lib.Averaging | None = None  # Methods swa, ema, swag: the average in the train state.
+  bn_arrays: tuple[np.ndarray, np.ndarray] | None = None  # The host training split, for `measure_batch_stats`.
+
+  def averaged_snapshot(self, variables: Any, stacked: bool = False) -> Any:
+    """The averaged network's variables to save: its BatchNorm statistics measured again unless swa_bn="average".
+
+    The exact mean over swa_bn_batches training batches of batch_size with the run's augmentation (0: one epoch;
+    snapjax/bn_data.py), as the reference's bn_update; with `stacked`, of each member (a leading member axis).
+    """
+    if self.averaging.average_batch_stats:
+      return variables
+    num_train = len(self.bn_arrays[1]) if self.bn_arrays is not None else self.exp.spec.num_train
+    num = bn_data.num_bn_batches(self.exp, num_train, int(self.config.swa_bn_batches))
+    return weight_space.recompute_batch_stats(bn_data.train_apply_fn(self.exp), variables,
+                                              bn_data.bn_batches(self.exp, self.bn_arrays, num), stacked=stacked)
 
   def snapshot_meta(self, step: int) -> dict[str, Any]:
     """Metadata of the snapshot at global `step`: its cycle (1-based), epoch, the method and the model it belongs to.
@@ -74,8 +91,12 @@ class Run:
     """
     cycle = self.plan.snapshot_steps.index(step) + 1
     method = self.settings.method
-    return {"step": step, "cycle": cycle, "epoch": step / self.plan.steps_per_epoch, "method": method,
+    meta = {"step": step, "cycle": cycle, "epoch": step / self.plan.steps_per_epoch, "method": method,
             "model": cycle - 1 if method == "single_cycle" else 0}
+    if self.averaging is not None:  # The averaged network, and how many iterates it averages.
+      meta.update(averaged=self.averaging.kind, collected=len(self.averaging.collect_steps(self.plan.total_steps)),
+                  batch_stats="averaged" if self.averaging.average_batch_stats else "recomputed")
+    return meta
 
   def last_good(self, unit: str) -> str:
     """What is on disk once every save in flight has committed: the last snapshot and the last train state (its
@@ -109,9 +130,11 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, fresh: bool) -> Run:
   test_arrays = exp.load_test_data()
   num_train = len(train_arrays[1]) if train_arrays is not None else exp.spec.num_train
   plan = train_step.make_plan(config, num_train)
-  schedule = train_step.make_schedule(config, plan.total_steps)
+  schedule = train_step.make_schedule(config, plan.total_steps, plan.steps_per_epoch)
+  averaging = averaging_lib.from_config(config, plan.steps_per_epoch)
   run = Run(config, settings, workdir, exp, plan, train_step.make_optimizer(config, schedule), schedule,
-            train_arrays, test_arrays)
+            train_arrays, test_arrays, averaging=averaging,
+            bn_arrays=train_arrays if averaging is not None and not averaging.average_batch_stats else None)
   run.lock = workdir_lock.claim(workdir)  # Refuses a workdir a live run is writing, before anything moves.
   try:
     if fresh:
