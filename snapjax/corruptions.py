@@ -14,7 +14,7 @@ _GAUSSIAN_SIGMA = (0.04, 0.08, 0.12, 0.18, 0.26)  # x 255.
 _SHOT_PHOTONS = (60, 25, 12, 5, 3)  # Poisson rate at full intensity.
 _IMPULSE_FRACTION = (0.02, 0.05, 0.09, 0.15, 0.25)
 _BLUR_SIGMA = (0.4, 0.7, 1.0, 1.4, 2.0)  # Pixels at 28 px; scaled with the image size.
-_MOTION_LENGTH = (2, 3, 5, 7, 9)  # Pixels at 28 px.
+_MOTION_LENGTH = (3, 5, 7, 9, 13)  # Pixels at 28 px; odd, so the blur stays centred.
 _ROTATE_DEGREES = (8, 16, 25, 35, 50)
 _SHEAR = (0.1, 0.2, 0.3, 0.45, 0.6)
 _TRANSLATE = (1, 2, 3, 4, 6)  # Pixels at 28 px.
@@ -46,7 +46,7 @@ def _gaussian_blur(x, s, rng):
 
 
 def _motion_blur(x, s, rng):
-  length = max(2, round(_px(_MOTION_LENGTH[s - 1], x)))
+  length = 2 * round((_px(_MOTION_LENGTH[s - 1], x) - 1) / 2) + 1
   return ndimage.uniform_filter1d(x, size=length, axis=2, mode="nearest")
 
 

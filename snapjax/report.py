@@ -80,7 +80,7 @@ def analyses_summary(report: dict[str, Any]) -> list[str]:
   if report.get("interpolation"):
     peaks = ", ".join(f"{e['snapshot']}: {100 * max(e['error']):.2f}%" for e in report["interpolation"])
     lines.append(f"interpolation to the last snapshot: highest test error on the path from snapshot {peaks}")
-  return lines
+  return lines + uncertainty_report.summary(report)
 
 
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:

@@ -59,7 +59,7 @@ class Request:
 def parse(analyses: Sequence[str] | None, shift_examples: int = DEFAULT_SHIFT_EXAMPLES) -> Request:
   """--analyses as a Request (DEFAULT always in), or a one-line ConfigError naming every allowed value."""
   names = [str(a).strip() for a in (analyses or ()) if str(a).strip()]
-  allowed = ("all", *WEIGHT_ANALYSES, *ANALYSES)
+  allowed = (*WEIGHT_ANALYSES, *ANALYSES, "all")
   for name in names:
     if name not in allowed:
       raise ConfigError(f"--analyses: unknown analysis {name!r}; allowed: {', '.join(allowed)} (comma-separated; "
@@ -165,7 +165,8 @@ class _Models:
 
 def _entries(steps, member_ids, num) -> tuple[list[tuple[dict, list[int]]], list[tuple[dict, list[int]]]]:
   """(snapshot entries, last-m ensemble entries): (report label, member indices) of each."""
-  snaps = [({"workdir": wd, "member": k, "step": st}, [i]) for i, ((wd, st), k) in enumerate(zip(steps, member_ids))]
+  snaps = [({"snapshot": i + 1, "workdir": wd, "member": k, "step": st}, [i])
+           for i, ((wd, st), k) in enumerate(zip(steps, member_ids))]
   return snaps, [({"m": m}, list(range(num - m, num))) for m in range(1, num + 1)]
 
 

@@ -14,7 +14,28 @@ def _pct(v: float) -> str:
 
 
 def _label(e: dict[str, Any]) -> str:
-  return f"last-{e['m']} ensemble" if "m" in e else f"snapshot (step {e['step']}, member {e['member']})"
+  return f"last-{e['m']} ensemble" if "m" in e else f"snapshot {e['snapshot']} (step {e['step']})"
+
+
+def summary(report: dict[str, Any]) -> list[str]:
+  """Lines for eval.py's output: the headline ensemble's calibrated NLL, OOD AUROC, shift and conformal sets."""
+  lines, m = [], report["ensemble"]["m"]
+  if "temperature" in report:
+    cv = report["temperature"]["ensembles"][m - 1]["test_cv"]
+    val = report["temperature"]["ensembles"][m - 1].get("val")
+    lines.append(f"ensemble of last {m} calibrated NLL {cv['nll']:.4f} (test-CV, T {cv['temperature']:.3f})"
+                 + (f", {val['nll']:.4f} (val T {val['temperature']:.3f})" if val else ""))
+  if "ood" in report and report["ood"]["sets"]:
+    lines.append("OOD AUROC (max prob): " + ", ".join(f"{k} {v['ensemble']['max_prob']['auroc']:.4f}"
+                                                     for k, v in report["ood"]["sets"].items()))
+  if "shift" in report:
+    lines.append("shifted error per severity: " + ", ".join(
+        f"{r['severity']}: {100 * r['error']:.2f}%" for r in report["shift"]["per_severity"]["ensemble"]))
+  if "conformal" in report:
+    c = report["conformal"]["ensemble"]
+    lines.append("conformal alpha 0.1 coverage/size: " + ", ".join(
+        f"{k} {100 * v['0.1']['coverage']:.2f}%/{v['0.1']['size']:.2f}" for k, v in c.items()))
+  return lines
 
 
 def markdown(report: dict[str, Any]) -> list[str]:
