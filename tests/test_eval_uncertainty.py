@@ -223,3 +223,26 @@ def test_eval_py_all_end_to_end(runs, tmp_path):
   assert any(l.startswith("ensemble of last 2 calibrated NLL") for l in proc.stdout.splitlines())
   for name in ("temperature", "ood", "shift", "conformal", "risk_coverage", "interpolation", "reliability"):
     assert os.path.getsize(os.path.join(workdir, "eval", f"{name}.png")) > 0
+
+
+@pytest.mark.parametrize("strategy", ["map", "loop", "vmap"])
+def test_ensemble_predict_returns_logits(strategy):
+  import jax.numpy as jnp
+  from snapjax import ensemble
+  apply_fn = _linear
+  stacked = ensemble.stack_snapshots([{"w": k * jnp.eye(3)[:, ::-1] + 0.1 * k} for k in (1.0, 2.0, 3.0)])
+  x = jnp.arange(12, dtype=jnp.float32).reshape(4, 3) / 7
+  mean, probs, logits = ensemble.ensemble_predict(apply_fn, stacked, x, last_m=2, strategy=strategy,
+                                                  return_members="logits")
+  ref_mean, ref_probs = ensemble.ensemble_predict(apply_fn, stacked, x, last_m=2, strategy=strategy,
+                                                  return_members=True)
+  np.testing.assert_array_equal(mean, ref_mean)
+  np.testing.assert_array_equal(probs, ref_probs)
+  want = np.stack([np.asarray(x) @ np.asarray(stacked["w"][i]) for i in (1, 2)])
+  np.testing.assert_allclose(logits, want, rtol=1e-6)
+  with pytest.raises(ValueError, match="return_members"):
+    ensemble.ensemble_predict(apply_fn, stacked, x, return_members="probs")
+
+
+def _linear(variables, x):
+  return x @ variables["w"]
