@@ -6,6 +6,7 @@ images. CIFAR-10 / CIFAR-100 / SVHN (uncertainty-baselines' protocol): the other
 run's TFDS data_dir, skipped when not prepared there; noise images for every in-memory dataset.
 """
 import os
+import re
 from typing import Callable
 
 import numpy as np
@@ -53,7 +54,7 @@ def ood_sets(spec: data.DatasetSpec, data_dir: str | None,
     sets["digits"] = digits_28x28
   for name in TFDS_OOD.get(spec.name, ()):
     other = data.get_spec(name)
-    root = os.path.expanduser(data_dir or os.path.join("~", "tensorflow_datasets"))
+    root = _tfds_root(data_dir)
     if "://" not in root and not os.path.isdir(os.path.join(root, other.tfds_name)):
       skipped.append(f"OOD set {name} skipped: {other.tfds_name} is not prepared in TFDS data_dir={root} "
                      f"(tfds build {other.tfds_name} --data_dir {root} to add it)")
@@ -63,3 +64,34 @@ def ood_sets(spec: data.DatasetSpec, data_dir: str | None,
     sets[f"{kind}_noise"] = lambda kind=kind: noise_images(spec.image_shape, kind, num_noise)
   return sets, skipped
 
+
+
+CIFAR10_C = "cifar10_corrupted"  # TFDS's CIFAR-10-C: one builder config per corruption and severity, "NAME_SEVERITY".
+_C_CONFIG = re.compile(r"^([a-z_]+)_([1-5])$")
+
+
+def _tfds_root(data_dir: str | None) -> str:
+  return os.path.expanduser(data_dir or os.path.join("~", "tensorflow_datasets"))
+
+
+def cifar10_c_configs(data_dir: str | None) -> list[tuple[str, int]]:
+  """(corruption, severity) of every CIFAR-10-C config prepared in the TFDS data_dir (none: an empty list)."""
+  folder = os.path.join(_tfds_root(data_dir), CIFAR10_C)
+  if "://" in folder or not os.path.isdir(folder):
+    return []
+  found = [_C_CONFIG.match(name) for name in sorted(os.listdir(folder))]
+  return [(m.group(1), int(m.group(2))) for m in found if m and os.path.isdir(os.path.join(folder, m.group(0)))]
+
+
+def load_cifar10_c(data_dir: str | None, corruption: str, severity: int,
+                   num: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The first `num` (all: None) test images and labels of one CIFAR-10-C config, uint8 (n, 32, 32, 3) and int32."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(f"{CIFAR10_C}/{corruption}_{severity}", data_dir=_tfds_root(data_dir))
+  ds = builder.as_dataset(split="test" if num is None else f"test[:{num}]", shuffle_files=False)
+  chunks = list(tfds.as_numpy(ds.map(lambda ex: (ex["image"], ex["label"])).batch(1024)))
+  if not chunks:
+    raise UserError(f"{CIFAR10_C}/{corruption}_{severity} in {_tfds_root(data_dir)} has no test examples")
+  keep = slice(None, num)  # The split string already cuts it; kept for readers that do not slice.
+  return (np.concatenate([x for x, _ in chunks]).astype(np.uint8)[keep],
+          np.concatenate([y for _, y in chunks]).astype(np.int32)[keep])

@@ -21,8 +21,9 @@ Report keys (report.json), all numbers over the counted test examples:
     "skipped": [lines], "histograms": {name: {score: {edges, in, out}}}} (the ensemble's scores).
   "shift": {"examples", "corruptions", "severities", "temperature", "cells": [{corruption, severity, "ensemble",
     "best_snapshot": {error, nll, nll_scaled, ece}}], "clean": {...}, "per_severity": {"ensemble",
-    "best_snapshot": [{severity, error, nll, nll_scaled, ece}]}}: nll_scaled uses the clean T (the val T, else the
-    T fitted on the whole clean test set).
+    "best_snapshot": [{severity, error, nll, nll_scaled, ece}]}, and for CIFAR-10 "cifar10_c": {"cells",
+    "per_severity"} of TFDS's cifar10_corrupted (or {"skipped": line})}: nll_scaled uses the clean T (the val T, else
+    the T fitted on the whole clean test set).
 """
 import dataclasses
 import time
@@ -260,9 +261,14 @@ def shift_entries(plan: Plan, exp, stacked, test_arrays, temps: dict[str, float]
   images, labels = (a[: plan.shift_examples] for a in test_arrays)
   models = (("ensemble", head_idx), ("best_snapshot", best_idx))
 
-  def cell(x):
-    logits = _pass(exp, stacked, (x, labels), batch_size).logits_MxNxC
-    return {name: _shift_metrics(uncertainty.log_mean_probs(logits[idx]), labels, temps[name]) for name, idx in models}
+  def cell(x, y=labels):
+    logits = _pass(exp, stacked, (x, y), batch_size).logits_MxNxC
+    return {name: _shift_metrics(uncertainty.log_mean_probs(logits[idx]), y, temps[name]) for name, idx in models}
+
+  def means(cells):
+    return {name: [{"severity": s, **{k: float(np.mean([c[name][k] for c in cells if c["severity"] == s]))
+                                      for k in ("error", "nll", "nll_scaled", "ece")}}
+                   for s in sorted({c["severity"] for c in cells})] for name, _ in models}
 
   start, cells = time.perf_counter(), []
   clean = cell(images)
@@ -271,14 +277,20 @@ def shift_entries(plan: Plan, exp, stacked, test_arrays, temps: dict[str, float]
       cells.append({"corruption": name, "severity": severity,
                     **cell(corruptions.corrupt(images, name, severity, seed=SEED))})
     logging.info("Shift %s: 5 severities x %d images (%.0f s so far)", name, len(labels), time.perf_counter() - start)
-  per_severity = {}
-  for name, _ in models:
-    per_severity[name] = [{"severity": s, **{k: float(np.mean([c[name][k] for c in cells if c["severity"] == s]))
-                                             for k in ("error", "nll", "nll_scaled", "ece")}}
-                          for s in corruptions.SEVERITIES]
-  return {"examples": len(labels), "corruptions": list(corruptions.CORRUPTIONS),
-          "severities": list(corruptions.SEVERITIES), "temperature": temps, "clean": clean, "cells": cells,
-          "per_severity": per_severity}
+  out = {"examples": len(labels), "corruptions": list(corruptions.CORRUPTIONS),
+         "severities": list(corruptions.SEVERITIES), "temperature": temps, "clean": clean, "cells": cells,
+         "per_severity": means(cells)}
+  if exp.spec.name == "cifar10":  # TFDS's CIFAR-10-C beside snapjax's own corruptions, when prepared.
+    configs = ood_data.cifar10_c_configs(exp.config.data_dir or None)
+    if configs:
+      c_cells = [{"corruption": name, "severity": severity,
+                  **cell(*ood_data.load_cifar10_c(exp.config.data_dir or None, name, severity, plan.shift_examples))}
+                 for name, severity in configs]
+      out["cifar10_c"] = {"cells": c_cells, "per_severity": means(c_cells)}
+    else:
+      out["cifar10_c"] = {"skipped": f"{ood_data.CIFAR10_C} is not prepared in the TFDS data_dir "
+                                     f"(tfds build {ood_data.CIFAR10_C} to add it)"}
+  return out
 
 
 def run(plan: Plan, exp: experiment.Experiment, stacked: PyTree, outputs: scoring.Outputs, *,

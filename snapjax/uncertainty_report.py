@@ -113,6 +113,14 @@ def markdown(report: dict[str, Any]) -> list[str]:
                    f"{_pct(c['ece'])} |")
       lines += [f"| {model} | {r['severity']} | {_pct(r['error'])} | {r['nll']:.4f} | {r['nll_scaled']:.4f} | "
                 f"{_pct(r['ece'])} |" for r in rows]
+    c10c = sh.get("cifar10_c")
+    if c10c and "skipped" in c10c:
+      lines += ["", f"- CIFAR-10-C: {c10c['skipped']}"]
+    elif c10c:
+      lines += ["", f"CIFAR-10-C (TFDS, {len(c10c['cells'])} configs), means per severity:", "",
+                "| model | severity | error (%) | NLL | NLL (T) | ECE (%) |", "|---|---|---|---|---|---|"]
+      lines += [f"| {model} | {r['severity']} | {_pct(r['error'])} | {r['nll']:.4f} | {r['nll_scaled']:.4f} | "
+                f"{_pct(r['ece'])} |" for model, rows in c10c["per_severity"].items() for r in rows]
     lines.append("")
   if report.get("uncertainty_notes"):
     lines += [f"- {n}" for n in report["uncertainty_notes"]] + [""]

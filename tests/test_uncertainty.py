@@ -238,3 +238,14 @@ def test_ood_sets_offline():
   sets, skipped = ood_data.ood_sets(data.get_spec("cifar10"), "/nonexistent")
   assert set(sets) == {"uniform_noise", "gaussian_noise"} and len(skipped) == 2
   assert all("not prepared" in line for line in skipped)
+
+
+def test_cifar10_c_configs_and_loader(tmp_path):
+  import tensorflow_datasets as tfds
+  assert ood_data.cifar10_c_configs(str(tmp_path)) == []
+  for name in ("zoom_blur_5", "gaussian_noise_1", "not_a_config"):
+    (tmp_path / ood_data.CIFAR10_C / name).mkdir(parents=True)
+  assert ood_data.cifar10_c_configs(str(tmp_path)) == [("gaussian_noise", 1), ("zoom_blur", 5)]
+  with tfds.testing.mock_data(num_examples=6):
+    images, labels = ood_data.load_cifar10_c(str(tmp_path), "gaussian_noise", 1, num=4)
+  assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8 and labels.shape == (4,)
