@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fashion_mnist_dir = "/usr/share/datasets/fashion-mnist"  # Raw IDX files (Debian dataset-fashion-mnist).
   c.tiny_imagenet_dir = ""  # Extracted tiny-imagenet-200/ folder (image-folder layout).
   c.train_split = ""  # Training split in TFDS syntax, e.g. "train[:10000]" for a subset; "" = the dataset's own.
-  c.val_split = ""  # Held-out split for eval.py's temperature scaling, never trained on (e.g. "train[-5000:]"); "" = none.
+  c.val_split = ""  # Held-out images for eval.py's temperature scaling, never trained on ("train[-5000:]"); "" = none.
   c.augment = ""  # Training augmentation: "crop_flip", "none", or "" for the dataset's own (paper: crop+flip, SVHN none).
   c.num_epochs = 200.0  # Training budget B in epochs; the loop converts it to update steps once.
   c.num_cycles = 5  # M: cosine cycles (= snapshots); with schedule="step", the number of equally spaced snapshots.

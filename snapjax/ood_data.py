@@ -18,7 +18,8 @@ from snapjax.errors import UserError
 NUM_NOISE = 2000  # Noise images per noise set.
 NOISE_SEED = 0
 # Dataset -> the TFDS datasets whose test split is its OOD set.
-TFDS_OOD = {"cifar10": ("svhn_cropped", "cifar100"), "cifar100": ("svhn_cropped", "cifar10"), "svhn_cropped": ("cifar10",)}
+TFDS_OOD = {"cifar10": ("svhn_cropped", "cifar100"), "cifar100": ("svhn_cropped", "cifar10"),
+            "svhn_cropped": ("cifar10",)}
 
 
 def digits_28x28() -> np.ndarray:

@@ -85,7 +85,8 @@ def markdown(report: dict[str, Any]) -> list[str]:
               "independently trained members' final snapshots: " + ", ".join(
                   f"k={e['size']}: {e['calibrated_nll']:.4f}" for e in d["deep_ensembles"]) + ".", "",
               "| model | calibrated NLL | DEE |", "|---|---|---|"]
-    lines += [f"| {_label(e)} | {e['calibrated_nll']:.4f} | {e['dee']:.2f}{' (' + e['bound'] + ')' if e['bound'] else ''} |"
+    bound = lambda e: f" ({e['bound']})" if e["bound"] else ""
+    lines += [f"| {_label(e)} | {e['calibrated_nll']:.4f} | {e['dee']:.2f}{bound(e)} |"
               for e in d["snapshots"] + d["ensembles"]]
     lines.append("")
   if "ood" in report:
@@ -102,9 +103,10 @@ def markdown(report: dict[str, Any]) -> list[str]:
     lines.append("")
   if "shift" in report:
     sh = report["shift"]
+    temps = ", ".join(f"{k} {v:.3f}" for k, v in sh["temperature"].items())
     lines += ["## Dataset shift", "", f"{len(sh['corruptions'])} corruptions ({', '.join(sh['corruptions'])}) x "
               f"{len(sh['severities'])} severities of the first {sh['examples']} test examples; means over the "
-              f"corruptions; NLL scaled with the clean T ({', '.join(f'{k} {v:.3f}' for k, v in sh['temperature'].items())}); "
+              f"corruptions; NLL scaled with the clean T ({temps}); "
               f"shift.png.", "",
               "| model | severity | error (%) | NLL | NLL (T) | ECE (%) |", "|---|---|---|---|---|---|"]
     for model, rows in sh["per_severity"].items():

@@ -216,7 +216,8 @@ def test_corruptions_monotone_and_seeded(name):
     changes.append(float(np.mean(np.abs(out.astype(np.float64) - images))))
   assert all(b > a for a, b in zip(changes, changes[1:])), changes
   if name.endswith("noise"):
-    assert not np.array_equal(corruptions.corrupt(images, name, 3, seed=3), corruptions.corrupt(images, name, 3, seed=4))
+    other_seed = corruptions.corrupt(images, name, 3, seed=4)
+    assert not np.array_equal(corruptions.corrupt(images, name, 3, seed=3), other_seed)
 
 
 def test_corruption_rejects_bad_arguments():
