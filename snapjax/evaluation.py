@@ -270,7 +270,7 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     last_m: the headline ensemble's size, the last m snapshots (default: all).
     out_dir: where the report goes (default: WORKDIR/eval of the first run).
     data_overrides: {"data_dir" | "fashion_mnist_dir" | "tiny_imagenet_dir": path} to read the test data
-      from elsewhere than the run's config says.
+      from elsewhere than the run's config says; {"val_split": split} names the temperature-scaling split.
     eval_batch_size: global test batch size (default: the run's config).
     plot: also write the figures (error_vs_m.png, reliability.png, diversity.png, interpolation.png).
     export_path: also write the headline ensemble as a serving artifact there (`export_run`), with its
