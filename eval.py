@@ -1,6 +1,7 @@
 """Score a run's snapshots, their ensembles and the paper's analyses: python eval.py --workdir runs/quick.
 
-Add --analyses=weight_average,interpolation for the analyses that pass over training data.
+Add --analyses=weight_average,interpolation for the analyses that pass over training data, --analyses=ood,shift for
+out-of-distribution sets and corrupted test sets, --analyses=all for every analysis.
 """
 from absl import app, flags
 
