@@ -246,3 +246,25 @@ def test_ensemble_predict_returns_logits(strategy):
 
 def _linear(variables, x):
   return x @ variables["w"]
+
+
+@pytest.mark.parametrize("dataset,value,ok", [("fashion_mnist", "train[-5000:]", True),
+                                              ("imagenet2012", "train[:100]", False), ("cifar10", "", True)])
+def test_config_val_split(dataset, value, ok):
+  from snapjax import config as config_lib
+  c = config_lib.base_config()
+  c.dataset, c.model = dataset, "resnet8" if dataset != "imagenet2012" else "resnet50"
+  c.val_split = value
+  if ok:
+    config_lib.validate(c, 1)
+  else:
+    with pytest.raises(ConfigError, match="val_split"):
+      config_lib.validate(c, 1)
+
+
+def test_quickstart_val_split_is_disjoint_and_ignored_by_training():
+  from configs import quickstart
+  c = quickstart.get_config()
+  assert (c.train_split, c.val_split) == ("train[:10000]", "train[-5000:]")
+  exp = experiment.build(c)
+  uncertainty_analyses._check_val_split(exp, c.val_split)  # pylint: disable=protected-access
