@@ -155,13 +155,20 @@ class _Models:
 
   def __init__(self, logits_MxNxC: np.ndarray):
     self.logits = logits_MxNxC
-    self._cache = {}
+    self._cache, self._cv = {}, {}
 
   def logp(self, idx: Sequence[int]) -> np.ndarray:
     key = tuple(sorted(int(i) for i in idx))
     if key not in self._cache:
       self._cache[key] = uncertainty.log_mean_probs(self.logits[list(key)])
     return self._cache[key]
+
+  def cross_validated(self, idx: Sequence[int], labels: np.ndarray) -> dict[str, float]:
+    """`uncertainty.cross_validated_temperature` of a group (computed once per group)."""
+    key = tuple(sorted(int(i) for i in idx))
+    if key not in self._cv:
+      self._cv[key] = uncertainty.cross_validated_temperature(self.logp(key), labels, repeats=CV_REPEATS, seed=SEED)
+    return self._cv[key]
 
 
 def _entries(steps, member_ids, num) -> tuple[list[tuple[dict, list[int]]], list[tuple[dict, list[int]]]]:
@@ -181,7 +188,7 @@ def temperature_entries(models: _Models, labels, entries, val: _Models | None, v
     logp = models.logp(idx)
     e = {**label, "before": {**uncertainty.metrics(logp, labels),
                              "reliability": uncertainty.reliability(np.exp(logp), labels)},
-         "test_cv": uncertainty.cross_validated_temperature(logp, labels, repeats=CV_REPEATS, seed=SEED)}
+         "test_cv": models.cross_validated(idx, labels)}
     t = uncertainty.fit_temperature(logp, labels)
     scaled = uncertainty.scale(logp, t)
     e["test_t"] = {"temperature": t, **uncertainty.metrics(scaled, labels),
@@ -206,7 +213,7 @@ def _conformal(logp, labels) -> dict:
 
 
 def _cnll(models: _Models, labels, idx) -> float:
-  return uncertainty.cross_validated_temperature(models.logp(idx), labels, repeats=CV_REPEATS, seed=SEED)["nll"]
+  return models.cross_validated(idx, labels)["nll"]
 
 
 def dee_entries(models, labels, snaps, ensembles, member_groups_, finals) -> dict:
