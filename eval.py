@@ -1,6 +1,7 @@
 """Score a run's snapshots, their ensembles and the paper's analyses: python eval.py --workdir runs/quick.
 
-Add --analyses=weight_average,interpolation for the analyses that pass over training data.
+Add --analyses=weight_average,interpolation for the analyses that pass over training data, --analyses=ood,shift for
+out-of-distribution sets and corrupted test sets, --analyses=all for every analysis.
 """
 from absl import app, flags
 
@@ -16,9 +17,15 @@ flags.DEFINE_string("fashion_mnist_dir", None, "Override the run's Fashion-MNIST
 flags.DEFINE_string("tiny_imagenet_dir", None, "Override the run's Tiny ImageNet directory.")
 flags.DEFINE_string("export", None, "Also write the headline ensemble (--last_m) as one jax.export file for "
                     "serving, raw images in, probabilities out; its description goes to FILE.json.")
-flags.DEFINE_list("analyses", [], "Also run these analyses in weight space, comma-separated: weight_average (the "
-                  "last m snapshots' weights averaged, m = 2..M), interpolation (paper Fig. 5). Both recompute "
-                  "BatchNorm statistics on training batches. Calibration and diversity are always reported.")
+flags.DEFINE_list("analyses", [], "Also run these analyses, comma-separated: weight_average (the last m snapshots' "
+                  "weights averaged, m = 2..M) and interpolation (paper Fig. 5), both recomputing BatchNorm "
+                  "statistics on training batches; ood (out-of-distribution detection) and shift (corrupted test "
+                  "sets); all: every analysis that applies. Calibration, diversity, temperature scaling, selective "
+                  "prediction, conformal sets and the deep-ensemble equivalent (several runs) are always reported.")
+flags.DEFINE_integer("shift_examples", None, "Test examples (the first ones) per corruption and severity of "
+                     "--analyses=shift (default 1000).")
+flags.DEFINE_string("val_split", None, "Override the run's val_split: held-out training images for temperature "
+                    "scaling, e.g. 'train[-5000:]' (never trained on).")
 flags.DEFINE_integer("bn_batches", None, "Training batches (of the run's batch size, with its augmentation) on "
                      "which --analyses recompute BatchNorm statistics (default 50, at most one epoch); 0 = one epoch.")
 flags.DEFINE_integer("interpolation_points", None, "Lambdas of --analyses=interpolation, evenly spaced in [0, 1] "
@@ -39,8 +46,9 @@ def main(argv):
   cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
   from snapjax import evaluation, report as report_lib
   overrides = {"data_dir": FLAGS.data_dir, "fashion_mnist_dir": FLAGS.fashion_mnist_dir,
-               "tiny_imagenet_dir": FLAGS.tiny_imagenet_dir}
-  passes = {k: getattr(FLAGS, k) for k in ("bn_batches", "interpolation_points") if getattr(FLAGS, k) is not None}
+               "tiny_imagenet_dir": FLAGS.tiny_imagenet_dir, "val_split": FLAGS.val_split}
+  passes = {k: getattr(FLAGS, k) for k in ("bn_batches", "interpolation_points", "shift_examples")
+            if getattr(FLAGS, k) is not None}
   report = cli.run_guarded(lambda: evaluation.evaluate_runs(
       FLAGS.workdir, last_m=FLAGS.last_m, out_dir=FLAGS.out_dir, data_overrides=overrides,
       eval_batch_size=FLAGS.eval_batch_size, export_path=FLAGS.export, analyses=FLAGS.analyses,

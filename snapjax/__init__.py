@@ -6,9 +6,10 @@ batch sums (`calibration_counts`, `diversity_counts`) and snapshots in weight sp
 `interpolate_snapshots`, `recompute_batch_stats`). Models: `snapjax.models.get(name, num_classes)`; SmoothOut
 noise and its schedule: `snapjax.smoothout`. The methods that followed: FGE's and SWA's schedules
 (`fge_schedule`, `fge_snapshot_steps`, `swa_schedule`, `averaging_steps`) and SWAG's posterior (`snapjax.swag`,
-`swag_sample`).
+`swag_sample`). Temperature scaling, OOD metrics, conformal sets, risk-coverage and the deep-ensemble equivalent of
+per-example outputs: `snapjax.uncertainty`.
 """
-from snapjax import models, smoothout, swag
+from snapjax import models, smoothout, swag, uncertainty
 from snapjax.analysis import CalibrationCounts, DiversityCounts, calibration_counts, diversity_counts
 from snapjax.ensemble import counts, ensemble_predict, error_rate, nll, stack_snapshots
 from snapjax.export import export_ensemble, load_exported
@@ -23,6 +24,6 @@ __all__ = [
     "diversity_counts", "ensemble_predict", "error_rate", "export_ensemble", "fge_schedule", "fge_snapshot_steps",
     "interpolate_snapshots", "load_exported", "models", "nll", "nocycle_snapshot_steps", "recompute_batch_stats",
     "smoothout", "snapshot_schedule", "snapshot_steps", "stack_snapshots", "step_schedule", "steps_for_epochs",
-    "swa_schedule", "swag", "swag_sample",
+    "swa_schedule", "swag", "swag_sample", "uncertainty",
 ]
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ AUGMENTS = ("", "crop_flip", "none")
 # Fields that may change when a run resumes in its workdir: they do not change what is trained.
 MUTABLE_ON_RESUME = frozenset({
     "data_dir", "fashion_mnist_dir", "tiny_imagenet_dir", "eval_batch_size", "log_every_steps",
-    "checkpoint_every_steps", "eval_snapshots", "steps_per_dispatch", "peak_flops"})
+    "checkpoint_every_steps", "eval_snapshots", "steps_per_dispatch", "peak_flops", "val_split"})
 # Fields that must agree between runs whose snapshots eval.py ensembles together (one architecture, one input).
 SAME_ACROSS_RUNS = ("model", "dataset", "dtype", "stem_stride", "image_size")
 
@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fashion_mnist_dir = "/usr/share/datasets/fashion-mnist"  # Raw IDX files (Debian dataset-fashion-mnist).
   c.tiny_imagenet_dir = ""  # Extracted tiny-imagenet-200/ folder (image-folder layout).
   c.train_split = ""  # Training split in TFDS syntax, e.g. "train[:10000]" for a subset; "" = the dataset's own.
+  c.val_split = ""  # Held-out images for eval.py's temperature scaling, never trained on ("train[-5000:]"); "" = none.
   c.augment = ""  # Training augmentation: "crop_flip", "none", or "" for the dataset's own (paper: crop+flip, SVHN none).
   c.num_epochs = 200.0  # Training budget B in epochs; the loop converts it to update steps once.
   c.num_cycles = 5  # M: cosine cycles (= snapshots); with schedule="step", the number of equally spaced snapshots.
@@ -151,6 +152,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if not isinstance(config.train_split, str):
     raise ConfigError(f"train_split must be a split string such as 'train[:10000]' (or '' for the dataset's "
                       f"own), got {config.train_split!r}")
+  if not isinstance(config.val_split, str) or (config.val_split and not data.DATASETS[config.dataset].in_memory):
+    raise ConfigError(f"val_split must be a split string of an in-memory dataset such as 'train[-5000:]' (or '' "
+                      f"for none), got {config.val_split!r}")
   if config.train_split and not data.DATASETS[config.dataset].in_memory:
     raise ConfigError(f"train_split={config.train_split!r} is only supported for in-memory datasets; "
                       f"{config.dataset} is streamed: leave train_split empty")

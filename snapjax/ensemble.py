@@ -188,12 +188,14 @@ def resolve_strategy(strategy: str, x: Any = None) -> str:
   return AUTO_STRATEGY.get(_platform(x), "map")
 
 
-def _member_probs(apply_fn: ApplyFn, variables: PyTree, x: Any) -> jax.Array:
-  """float32 softmax of one snapshot's logits, (batch, classes)."""
+def _member_probs(apply_fn: ApplyFn, variables: PyTree, x: Any, logits: bool = False) -> Any:
+  """float32 softmax of one snapshot's logits, (batch, classes); with logits, (softmax, float32 logits)."""
   logits_BxC = apply_fn(variables, x)
   if jnp.ndim(logits_BxC) != 2:
     raise ValueError(f"apply_fn must return logits of shape (batch, classes), got shape {jnp.shape(logits_BxC)}")
-  return jax.nn.softmax(jnp.asarray(logits_BxC).astype(jnp.float32), axis=-1)
+  logits_BxC = jnp.asarray(logits_BxC).astype(jnp.float32)
+  probs_BxC = jax.nn.softmax(logits_BxC, axis=-1)
+  return (probs_BxC, logits_BxC) if logits else probs_BxC
 
 
 def _per_platform(run: Callable[[str], Callable[..., Any]], *args: Any) -> Any:
@@ -216,17 +218,28 @@ def _ensemble(apply_fn, stacked, x, *, last_m, strategy, chunk_size, return_memb
 
 
 def _members_mean(apply_fn, last, x, *, last_m, strategy, chunk_size, return_members):
-  probs_fn = functools.partial(_member_probs, apply_fn, x=x)
+  with_logits = return_members == "logits"
+  probs_fn = functools.partial(_member_probs, apply_fn, x=x, logits=with_logits)
+  logits_MxBxC = None
   if strategy == "vmap":
     probs_MxBxC = jax.vmap(lambda v: probs_fn(v))(last)
+    if with_logits:
+      probs_MxBxC, logits_MxBxC = probs_MxBxC
     mean_BxC = jnp.mean(probs_MxBxC, axis=0)
   elif strategy == "map":
     probs_MxBxC = jax.lax.map(lambda v: probs_fn(v), last, batch_size=chunk_size)
+    if with_logits:
+      probs_MxBxC, logits_MxBxC = probs_MxBxC
     mean_BxC = jnp.mean(probs_MxBxC, axis=0)
   else:  # "loop"
     members = [probs_fn(jax.tree.map(lambda a, i=i: a[i], last)) for i in range(last_m)]
+    if with_logits:
+      logits_MxBxC = jnp.stack([z for _, z in members])
+      members = [p for p, _ in members]
     mean_BxC = functools.reduce(jnp.add, members) / last_m
     probs_MxBxC = jnp.stack(members) if return_members else None
+  if with_logits:
+    return mean_BxC, probs_MxBxC, logits_MxBxC
   if return_members:
     return mean_BxC, probs_MxBxC
   return mean_BxC
@@ -255,14 +268,16 @@ def _ensemble_sharded(apply_fn, stacked, x, *, last_m, strategy, return_members,
     n = num_members(local)
     index_N = jax.lax.axis_index(axis) * n + jnp.arange(n)
     weight_N = (index_N >= num - last_m).astype(jnp.float32)
-    fn = lambda v: _member_probs(apply_fn, v, x)
+    fn = lambda v: _member_probs(apply_fn, v, x, logits=True)
     run = lambda s: jax.vmap(fn) if s == "vmap" else functools.partial(jax.lax.map, fn)  # "loop" runs "map" here.
-    probs_NxBxC = _per_platform(run, local) if strategy == "auto" else run(strategy)(local)
+    probs_NxBxC, logits_NxBxC = _per_platform(run, local) if strategy == "auto" else run(strategy)(local)
     mean_BxC = jax.lax.psum(jnp.einsum("n,nbc->bc", weight_N, probs_NxBxC), axis) / last_m
-    return mean_BxC, probs_NxBxC
+    return mean_BxC, probs_NxBxC, logits_NxBxC
 
-  mean_BxC, probs_MxBxC = jax.shard_map(group, mesh=mesh, in_specs=(P(axis), P()), out_specs=(P(), P(axis)),
-                                        axis_names={axis})(stacked, x)
+  mean_BxC, probs_MxBxC, logits_MxBxC = jax.shard_map(
+      group, mesh=mesh, in_specs=(P(axis), P()), out_specs=(P(), P(axis), P(axis)), axis_names={axis})(stacked, x)
+  if return_members == "logits":
+    return mean_BxC, probs_MxBxC[num - last_m:], logits_MxBxC[num - last_m:]
   if return_members:
     return mean_BxC, probs_MxBxC[num - last_m:]
   return mean_BxC
@@ -270,7 +285,7 @@ def _ensemble_sharded(apply_fn, stacked, x, *, last_m, strategy, return_members,
 
 def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int | None = None,
                      strategy: str = "auto", chunk_size: int | None = None,
-                     return_members: bool = False):
+                     return_members: bool | str = False):
   """The snapshot ensemble's prediction: the mean softmax of the last ``last_m`` snapshots on ``x``.
 
   Computes ``1/m * sum_{i=0}^{m-1} softmax(apply_fn(snapshot_{M-i}, x))`` in float32, with ``m =
@@ -289,7 +304,7 @@ def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int 
       ``"loop"`` (unrolled), or ``"auto"`` (see `resolve_strategy`); the module docstring compares them.
     chunk_size: For ``"map"`` only, members vmapped per step (capped at ``last_m``); ignored by the
       other strategies; ``None`` means one at a time.
-    return_members: Also return every member's softmax.
+    return_members: Also return every member's softmax; ``"logits"``: its softmax and its float32 logits.
 
   Snapshots sharded over a mesh axis along their leading axis (e.g. the "member" axis of a K-member run,
   `NamedSharding(mesh, P("member"))`) are evaluated where they are: each device group runs its own snapshots
@@ -298,7 +313,8 @@ def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int 
 
   Returns:
     The mean softmax, float32 of shape ``(batch, classes)``; with ``return_members``, the tuple
-    ``(mean, members)`` where ``members`` is float32 of shape ``(last_m, batch, classes)``, oldest first.
+    ``(mean, members)`` where ``members`` is float32 of shape ``(last_m, batch, classes)``, oldest first;
+    with ``return_members="logits"``, ``(mean, members, logits)``, the logits shaped as the members.
 
   Raises:
     ValueError: If ``apply_fn`` is not callable or not hashable, ``strategy`` is unknown, ``last_m`` or
@@ -341,12 +357,15 @@ def ensemble_predict(apply_fn: ApplyFn, stacked: PyTree, x: Any, *, last_m: int 
       chunk_size = None  # Only "map" batches members; "vmap" does all at once, "loop" one at a time.
     else:
       chunk_size = min(int(chunk_size), int(last_m))
+  if return_members not in (True, False, "logits"):
+    raise ValueError(f"return_members must be True, False or 'logits', got {return_members!r}")
+  return_members = return_members if return_members == "logits" else bool(return_members)
   sharded = member_axis(stacked)
   if sharded is not None:
     return _ensemble_sharded(apply_fn, stacked, x, last_m=int(last_m), strategy=strategy,
-                             return_members=bool(return_members), mesh=sharded[0], axis=sharded[1])
+                             return_members=return_members, mesh=sharded[0], axis=sharded[1])
   return _ensemble(apply_fn, stacked, x, last_m=int(last_m), strategy=strategy, chunk_size=chunk_size,
-                   return_members=bool(return_members))
+                   return_members=return_members)
 
 
 class Counts(NamedTuple):

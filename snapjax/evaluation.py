@@ -16,7 +16,7 @@ import numpy as np
 
 import snapjax
 from snapjax import analysis, checkpoints, data, ensemble, experiment, export, progress, report as report_lib, scoring
-from snapjax import swag_eval, weight_analyses
+from snapjax import swag_eval, uncertainty_analyses, weight_analyses
 from snapjax import config as config_lib, workdir as workdir_lib
 from snapjax.errors import CheckpointError, ConfigError
 
@@ -257,7 +257,8 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
                   plot: bool = True, export_path: str | None = None, analyses: list[str] | None = None,
                   bn_batches: int = weight_analyses.DEFAULT_BN_BATCHES,
                   interpolation_points: int = weight_analyses.DEFAULT_INTERPOLATION_POINTS,
-                  swag_samples: int = swag_eval.DEFAULT_SAMPLES, swag_seed: int = 0) -> dict[str, Any]:
+                  swag_samples: int = swag_eval.DEFAULT_SAMPLES, swag_seed: int = 0,
+                  shift_examples: int = uncertainty_analyses.DEFAULT_SHIFT_EXAMPLES) -> dict[str, Any]:
   """Scores each snapshot of the runs, every last-m and first-m ensemble and the analyses; writes the report.
 
   report.json, report.md and (with plot) error_vs_m.png, reliability.png, diversity.png, and interpolation.png
@@ -270,17 +271,20 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     last_m: the headline ensemble's size, the last m snapshots (default: all).
     out_dir: where the report goes (default: WORKDIR/eval of the first run).
     data_overrides: {"data_dir" | "fashion_mnist_dir" | "tiny_imagenet_dir": path} to read the test data
-      from elsewhere than the run's config says.
+      from elsewhere than the run's config says; {"val_split": split} names the temperature-scaling split.
     eval_batch_size: global test batch size (default: the run's config).
     plot: also write the figures (error_vs_m.png, reliability.png, diversity.png, interpolation.png).
     export_path: also write the headline ensemble as a serving artifact there (`export_run`), with its
       description in export_path + '.json'.
-    analyses: weight-space analyses to run, names from `weight_analyses.ANALYSES` ("weight_average",
-      "interpolation"); they pass over training batches (see `weight_analyses`).
+    analyses: analyses to run beyond the default ones: the weight-space `weight_analyses.ANALYSES`
+      ("weight_average", "interpolation", which pass over training batches), the uncertainty analyses of
+      `uncertainty_analyses.ANALYSES` ("ood", "shift"; "temperature", "selective", "conformal" and "dee" always
+      run where they apply), or "all" for every one that applies.
     bn_batches: training batches on which the analyses measure BatchNorm statistics (0: one epoch).
     interpolation_points: lambdas of the interpolation, evenly spaced in [0, 1] with both ends.
     swag_samples, swag_seed: a method="swag" run's snapshot is scored as this many samples of its SWAG
       posterior, keyed by the seed (snapjax/swag_eval.py); their ensemble is SWAG's model average.
+    shift_examples: test examples (the first ones) per corruption and severity of the "shift" analysis.
 
   Returns:
     The report: "snapshots" (each one's workdir, member, step, error, nll, count), "ensembles" (each last-m of
@@ -288,8 +292,9 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     own last-m ensembles: member k of a K-member run, seed + k) and "true_ensemble" (the ensemble of every
     member's final snapshot); "calibration" (ece, brier, nll and reliability bins of every
     snapshot and last-m ensemble), "diversity" (M x M "disagreement" and "correlation"), "ensembles_first_m";
-    with analyses, "weight_average" and/or "interpolation" and "bn_recompute"; with export_path, "export"
-    (the written description).
+    with analyses, "weight_average" and/or "interpolation" and "bn_recompute"; "temperature", "selective",
+    "conformal", "dee", "ood", "shift" (keys in `uncertainty_analyses`); with export_path, "export" (the written
+    description).
 
   Raises:
     snapjax.errors.UserError: not a run, incompatible runs, no or corrupt snapshots, bad last_m, unknown
@@ -307,7 +312,8 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     workdir_lib.check_path(out_dir, "--out_dir")
   if export_path is not None:
     check_export_path(export_path)
-  analyses = weight_analyses.check_args(analyses, bn_batches, interpolation_points)
+  request = uncertainty_analyses.parse(analyses, shift_examples)
+  analyses = weight_analyses.check_args(request.weight, bn_batches, interpolation_points)
   swag_eval.check_args(swag_samples, swag_seed)
   configs = [load_run_config(wd) for wd in workdirs]
   check_compatible(configs, workdirs)
@@ -321,6 +327,8 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   num_snaps = _count_snapshots(workdirs)
   swag_runs = any(swag_eval.is_swag(c) for c in configs)  # Each SWAG snapshot is scored as swag_samples networks.
   num_snaps += sum((swag_samples - 1) * num_members(wd) for c, wd in zip(configs, workdirs) if swag_eval.is_swag(c))
+  if request.all and num_snaps < 2:
+    analyses = ()  # "all": the weight-space analyses compare snapshots, and there is one.
   if last_m is not None and (isinstance(last_m, bool) or not 1 <= last_m <= max(num_snaps, 1)):
     raise ConfigError(f"last_m={last_m} is out of range; allowed: 1..{num_snaps} (the number of snapshots)")
   if analyses and num_snaps < 2:
@@ -333,6 +341,8 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     num_bn = weight_analyses.num_bn_batches(exp, num_train, bn_batches)
   if swag_runs:  # SWAG's samples need their BatchNorm statistics measured on training batches.
     swag_arrays = train_arrays if analyses else weight_analyses.load_bn_data(exp)
+  plan = uncertainty_analyses.prepare(request, exp, num_independent=sum(num_members(wd) for wd in workdirs),
+                                      shift_examples=shift_examples)
   members = restore_members(workdirs, exp)
   if swag_runs:
     members, swag_entry = swag_eval.expand(members, exp, configs, list(workdirs), samples=swag_samples,
@@ -346,7 +356,8 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
   del members[:]  # Only the stack is kept in device memory.
 
   batches = progress.Throughput(exp.test_batches(eval_batch_size, test_arrays), size=lambda b: b[0].shape[0])
-  scores = scoring.score_snapshots(exp.apply_fn, stacked, batches, groups=member_score_groups(groups, finals))
+  scores = scoring.score_snapshots(exp.apply_fn, stacked, batches, groups=member_score_groups(groups, finals),
+                                   keep_outputs=plan.keep_outputs)
   log_throughput(batches, num)
   headline = scores.ensemble if last_m == num else scores.last_m[last_m - 1]
   report = {
@@ -365,6 +376,9 @@ def evaluate_runs(workdirs: list[str], *, last_m: int | None = None, out_dir: st
     report.update(weight_analyses.run(exp, stacked, steps, analyses, train_arrays=train_arrays,
                                       test_arrays=test_arrays, num_batches=num_bn,
                                       interpolation_points=interpolation_points, eval_batch_size=eval_batch_size))
+  report.update(uncertainty_analyses.run(
+      plan, exp, stacked, scores.outputs, steps=steps, member_ids=member_ids, groups=groups, finals=finals,
+      last_m=last_m, test_arrays=test_arrays, eval_batch_size=eval_batch_size))
   if jax.process_index() == 0:
     report_lib.write_report(report, out_dir or workdir_lib.eval_dir(workdirs[0]), plot=plot)
   if export_path is not None:

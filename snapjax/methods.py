@@ -24,6 +24,7 @@ def quickstart_config() -> ml_collections.ConfigDict:
   c.model = "resnet8"  # One basic block per stage: small enough for a 2-core CPU.
   c.dataset = "fashion_mnist"  # Read from c.fashion_mnist_dir (apt-get install dataset-fashion-mnist).
   c.train_split = "train[:10000]"  # The first 10,000 training images; the test split stays the full 10,000.
+  c.val_split = "train[-5000:]"  # eval.py's held-out temperature split: the last 5,000, never trained on.
   c.augment = "none"
   c.num_epochs = 30.0  # B...
   c.num_cycles = 5  # ...and M: 5 cycles of 6 epochs (78 steps each).

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from snapjax import uncertainty_report
 from snapjax.workdir import run_path
 
 REPORT_FILE = "report.json"
@@ -27,6 +28,10 @@ def write_report(report: dict[str, Any], out_dir: str, *, plot: bool = True) -> 
     needs = {"reliability": "calibration", "diversity": "diversity", "interpolation": "interpolation"}
     for name, plot_fn in figures.items():
       if needs.get(name, "snapshots") in report:
+        with run_path(figure_path(out_dir, name)).open("wb") as f:
+          plot_fn(report).savefig(f, format="png", dpi=120)
+    for name, (key, plot_fn) in uncertainty_report.FIGURES.items():  # temperature.png, ood.png, shift.png, ...
+      if key in report:
         with run_path(figure_path(out_dir, name)).open("wb") as f:
           plot_fn(report).savefig(f, format="png", dpi=120)
   logging.info("Wrote %s", out / "report.md")
@@ -75,7 +80,7 @@ def analyses_summary(report: dict[str, Any]) -> list[str]:
   if report.get("interpolation"):
     peaks = ", ".join(f"{e['snapshot']}: {100 * max(e['error']):.2f}%" for e in report["interpolation"])
     lines.append(f"interpolation to the last snapshot: highest test error on the path from snapshot {peaks}")
-  return lines
+  return lines + uncertainty_report.summary(report)
 
 
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
@@ -178,7 +183,7 @@ def markdown(report: dict[str, Any]) -> str:
   lines += ["", f"Best single snapshot: {100 * best['error']:.2f}% error; ensemble of the last "
             f"{report['ensemble']['m']}: {100 * report['ensemble']['error']:.2f}% error, "
             f"NLL {report['ensemble']['nll']:.4f}.", ""]
-  return "\n".join(lines + _analysis_markdown(report))
+  return "\n".join(lines + _analysis_markdown(report) + uncertainty_report.markdown(report))
 
 
 def plot_error_vs_m(report: dict[str, Any]):

@@ -63,6 +63,18 @@ class Scores:
   first_m_calibration: list[analysis.CalibrationCounts] = dataclasses.field(default_factory=list)
   diversity: analysis.DiversityCounts | None = None
   groups: list[Score] = dataclasses.field(default_factory=list)  # One per row of score_snapshots' `groups`.
+  outputs: "Outputs | None" = None  # With score_snapshots(keep_outputs=True): every counted example's logits.
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+  """Per-example outputs of M snapshots on the counted (mask 1) examples, in the order of the batches.
+
+  logits_MxNxC: each snapshot's float32 logits; labels_N: int labels. Padding examples are left out, so these are
+  the outputs of the test set itself, however it was batched.
+  """
+  logits_MxNxC: np.ndarray
+  labels_N: np.ndarray
 
 
 def batch_counts(probs_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array) -> np.ndarray:
@@ -114,18 +126,26 @@ def group_weights(groups: list[list[int]], num: int) -> np.ndarray:
 
 def score_snapshots(apply_fn: Callable[[PyTree, jax.Array], jax.Array], stacked: PyTree,
                     batches: Iterable[tuple[jax.Array, jax.Array, jax.Array]], num_bins: int = NUM_BINS,
-                    groups: list[list[int]] | None = None) -> Scores:
+                    groups: list[list[int]] | None = None, keep_outputs: bool = False) -> Scores:
   """Scores M stacked snapshots (`ensemble.stack_snapshots`) over every (x, y, mask) batch, one model pass each.
 
   Sums are exact over padded, masked batches (float64 on the host); the all-M ensemble is ensemble_predict's
   own mean, the others, the calibration counts (``num_bins`` bins) and the diversity sums come from the same
   per-member softmaxes: the snapshots run once per batch. ``groups`` (lists of snapshot indices) adds the score
-  of each group's ensemble (Scores.groups), from the same pass.
+  of each group's ensemble (Scores.groups), from the same pass. ``keep_outputs`` also keeps every counted
+  example's per-snapshot logits on the host (Scores.outputs), for the analyses that need each example.
   """
   totals = None
   weights = None if not groups else jnp.asarray(group_weights(groups, ensemble.num_members(stacked)))
+  kept_logits, kept_labels = [], []
   for x, y, mask in batches:
-    mean_BxC, probs_MxBxC = ensemble.ensemble_predict(apply_fn, stacked, x, return_members=True)
+    if keep_outputs:
+      mean_BxC, probs_MxBxC, logits_MxBxC = ensemble.ensemble_predict(apply_fn, stacked, x, return_members="logits")
+      counted_B = np.asarray(jax.device_get(mask)) > 0
+      kept_logits.append(np.asarray(jax.device_get(logits_MxBxC))[:, counted_B])
+      kept_labels.append(np.asarray(jax.device_get(y))[counted_B])
+    else:
+      mean_BxC, probs_MxBxC = ensemble.ensemble_predict(apply_fn, stacked, x, return_members=True)
     per_member, per_m = _member_and_last_m_counts(probs_MxBxC, y, mask)
     first, *calibration, diversity = _analysis_counts(probs_MxBxC, y, mask, num_bins=num_bins)
     head = batch_counts(mean_BxC, y, mask)
@@ -144,7 +164,9 @@ def score_snapshots(apply_fn: Callable[[PyTree, jax.Array], jax.Array], stacked:
                 last_m=[Score.from_totals(t) for t in last_m_tot], ensemble=Score.from_totals(all_tot),
                 first_m=[Score.from_totals(t) for t in first_m_tot], member_calibration=members_cal,
                 last_m_calibration=last_m_cal, first_m_calibration=first_m_cal, diversity=diversity_tot,
-                groups=[Score.from_totals(t) for t in group_tot[0]] if group_tot else [])
+                groups=[Score.from_totals(t) for t in group_tot[0]] if group_tot else [],
+                outputs=Outputs(np.concatenate(kept_logits, axis=1), np.concatenate(kept_labels))
+                if keep_outputs else None)
 
 
 @functools.partial(jax.jit, static_argnames="num_bins")

@@ -3,7 +3,7 @@ import doctest
 
 import pytest
 
-from snapjax import analysis, ensemble, export, schedules, weight_space
+from snapjax import analysis, ensemble, export, schedules, uncertainty, weight_space
 
 # Every public function (and Counts) documents itself with an `Examples:` section; the totals are the
 # `>>>` lines written, so deleting examples fails here too.
@@ -15,6 +15,7 @@ DOCUMENTED = {
     export: (("export_ensemble", "load_exported"), 15),
     analysis: (("calibration_counts", "diversity_counts", "CalibrationCounts", "DiversityCounts"), 32),
     weight_space: (("average_snapshots", "interpolate_snapshots", "recompute_batch_stats"), 20),
+    uncertainty: (("fit_temperature", "auroc", "split_conformal", "deep_ensemble_equivalent"), 16),
 }
 
 

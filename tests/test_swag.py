@@ -1,6 +1,5 @@
 """SWAG's moments against NumPy, its samples' covariance against the one the moments define, S = 1 at zero variance."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
