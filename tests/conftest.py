@@ -33,21 +33,20 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 import pytest  # noqa: E402
 
 
-# Seconds each file took in one `pytest -n 2 --dist loadfile` run (the sum of its --durations; a loaded 2-core
-# machine, so only their order matters). xdist hands whole files to the workers in collection order; longest first,
-# so that the last file a worker starts is a short one and the two workers end together. Files not listed (new
-# ones) count as FILE_SECONDS_DEFAULT. Re-measure with --durations=0 when the order drifts.
+# Seconds each file took in one `pytest -n 2 --dist loadfile` run from a cold compilation cache (the sum of its
+# --durations, on the 2-core machine). xdist hands whole files to the workers in collection order; longest first, so
+# that the last file a worker starts is a short one and the two workers end together. Files not listed (new ones)
+# count as FILE_SECONDS_DEFAULT. Re-measure with --durations=0 when the order drifts.
 FILE_SECONDS = {
-    "test_members.py": 767, "test_faults.py": 574, "test_accelerator_benchmark.py": 388, "test_conv.py": 378,
-    "test_multihost.py": 287, "test_compilation.py": 266, "test_cli_workdir.py": 264, "test_training.py": 212,
-    "test_smoothout.py": 212, "test_members_multihost.py": 184, "test_eval_analyses.py": 178, "test_export.py": 165,
-    "test_dispatch.py": 150, "test_study.py": 149, "test_cli.py": 147, "test_single_cycle.py": 76,
-    "test_weight_space.py": 75, "test_utilisation.py": 75, "test_lowering.py": 54, "test_configs.py": 47,
-    "test_examples.py": 39, "test_analysis.py": 33, "test_docstrings.py": 12, "test_models.py": 11,
-    # Estimates until measured together with the rest:
-    "test_methods_cli.py": 450, "test_averaging.py": 200, "test_eval_uncertainty.py": 200,
+    "test_members.py": 172, "test_faults.py": 167, "test_methods_cli.py": 125, "test_multihost.py": 110,
+    "test_averaging.py": 103, "test_eval_uncertainty.py": 86, "test_training.py": 75, "test_conv.py": 75,
+    "test_accelerator_benchmark.py": 74, "test_members_multihost.py": 73, "test_compilation.py": 72, "test_cli.py": 53,
+    "test_cli_workdir.py": 47, "test_smoothout.py": 43, "test_utilisation.py": 38, "test_dispatch.py": 37,
+    "test_study.py": 35, "test_eval_analyses.py": 35, "test_export.py": 30, "test_single_cycle.py": 29,
+    "test_configs.py": 29, "test_weight_space.py": 19, "test_examples.py": 18, "test_models.py": 13,
+    "test_lowering.py": 11, "test_analysis.py": 8, "test_ensemble.py": 7, "test_data.py": 6, "test_docstrings.py": 5,
 }
-FILE_SECONDS_DEFAULT = 30
+FILE_SECONDS_DEFAULT = 5
 
 
 def pytest_configure(config):

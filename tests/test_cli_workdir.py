@@ -86,6 +86,7 @@ class _LiveRun:
     return any(re.search(pattern, l) for l in self.lines)
 
 
+@pytest.mark.slow
 def test_a_workdir_in_use_by_a_live_run_is_refused_until_that_run_dies(tiny_data, tmp_path):
   workdir = str(tmp_path / "run")
   args = ["train.py", "--config", TINY_CONFIG, f"--config.fashion_mnist_dir={tiny_data}", "--workdir", workdir,
@@ -150,6 +151,7 @@ runpy.run_path("eval.py", run_name="__main__")
 '''
 
 
+@pytest.mark.slow
 def test_eval_plot_has_integer_ticks_only(tiny_data, tmp_path):
   """Two snapshots: matplotlib's default locator put ticks at 1.2, 1.4, 1.6, 1.8 on the snapshot-index axis."""
   workdir = str(tmp_path / "run")

@@ -51,6 +51,7 @@ def test_train_step_and_evaluator_compile_once_per_run(tiny_data, tmp_path):
   assert len(report["snapshots"]) == 2 and not _compiled_twice(compiles), compiles.count
 
 
+@pytest.mark.slow
 def test_member_run_compiles_its_update_once_and_resumes_without_the_initialiser(tiny_data, tmp_path):
   """A K = 2 member run, several loop steps per dispatch (the one-member default): its update is one program for
   every dispatch length, and its resume (an interrupted run, then the rest) compiles no initialiser."""
@@ -78,6 +79,7 @@ def _train_py(tiny_data, workdir, *flags):
   return proc.stderr
 
 
+@pytest.mark.slow
 def test_compilation_cache_dir_is_opt_in_and_a_second_run_loads_the_step(tiny_data, tmp_path):
   cache = tmp_path / "cache" / "jax"
   first = _train_py(tiny_data, str(tmp_path / "a"), f"--compilation_cache_dir={cache}")

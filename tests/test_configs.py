@@ -92,6 +92,7 @@ def test_fashion_mnist_methods_have_the_quickstart_budget():
     assert plan.total_steps == 30 * 78 and len(plan.snapshot_steps) == c.num_cycles
 
 
+@pytest.mark.slow
 def test_dropout_arm_is_deterministic_at_evaluation():
   """Dropout is off at evaluation: Experiment.apply_fn (the one eval path) gives the same logits every call, the
   same as the model in eval mode under any dropout rng; in train mode two dropout rngs differ."""
@@ -112,6 +113,7 @@ def test_dropout_arm_is_deterministic_at_evaluation():
   assert np.abs(np.asarray(train(variables, x, jax.random.key(1)) - train(variables, x, jax.random.key(2)))).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["wrn", "densenet"])
 def test_dropout_models_ignore_the_dropout_rng_in_eval_mode(name):
   from snapjax import models

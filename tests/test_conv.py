@@ -136,6 +136,7 @@ SMALL_MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMALL_MODELS))
 def test_model_outputs_and_gradients_match_xla_convolutions(name):
   model = SMALL_MODELS[name]()
@@ -167,6 +168,7 @@ def test_model_outputs_and_gradients_match_xla_convolutions(name):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 @pytest.mark.devices(4)
 def test_sharded_train_steps_are_bitwise_equal_to_xla_convolutions():
   """Three SGD steps of ResNet-8 on a batch split over 4 devices: the trainer's step, either convolution."""

@@ -103,6 +103,7 @@ def test_canonical_convolutions_make_a_loop_body_compute_like_the_top_level():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), looped(update), top)
 
 
+@pytest.mark.slow
 def test_four_steps_per_dispatch_train_bitwise_like_one_and_compile_once(reference, tiny_data, tmp_path):
   snaps, final = reference
   workdir = str(tmp_path / "k4")
@@ -117,6 +118,7 @@ def test_four_steps_per_dispatch_train_bitwise_like_one_and_compile_once(referen
   assert compiles.count["jit(train_step)"] == 0, compiles.count
 
 
+@pytest.mark.slow
 def test_preempted_inside_a_dispatch_stops_at_its_end_and_resumes_bitwise(reference, tiny_data, tmp_path):
   snaps, final = reference
   workdir = str(tmp_path / "run")

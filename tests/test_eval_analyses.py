@@ -96,6 +96,7 @@ def _score_network(reference, params):
   return _error_nll(_softmax(reference["model"], variables, reference["x"]), reference["labels"])
 
 
+@pytest.mark.slow
 def test_report_has_every_analysis_and_figure(evaluated):
   _, out_dir, report = evaluated
   for key in ("calibration", "diversity", "ensembles_first_m", "weight_average", "interpolation", "bn_recompute"):
@@ -214,6 +215,7 @@ def test_bn_batches_use_the_run_s_augmentation(tiny_data):
   assert not np.allclose(first[0], unaugmented[0])
 
 
+@pytest.mark.slow
 def test_streamed_dataset_runs_the_analyses_on_its_training_stream():
   """ImageNet-style streamed data (TFDS mock): BN batches from the training stream, scores from the eval stream."""
   import tensorflow_datasets as tfds

@@ -67,6 +67,7 @@ def _scipy_t(logp, labels):
   return math.exp(optimize.minimize_scalar(f, bounds=(-6, 6), method="bounded", options={"xatol": 1e-10}).x)
 
 
+@pytest.mark.slow
 def test_kept_outputs_are_exact_over_padded_batches(runs, reference):
   exp = reference["exp"]
   stacked = evaluation.ensemble.stack_snapshots([m.variables for m in evaluation.restore_members(runs, exp)])
@@ -84,6 +85,7 @@ def test_kept_outputs_are_exact_over_padded_batches(runs, reference):
         np.testing.assert_array_equal(fa, fb)
 
 
+@pytest.mark.slow
 def test_temperature_against_references(evaluated, reference):
   _, report = evaluated
   labels = reference["labels"]

@@ -5,8 +5,10 @@ import runpy
 
 import jax
 import numpy as np
+import pytest
 
 
+@pytest.mark.slow
 def test_library_example_runs_and_ensembles_the_last_two_snapshots():
   g = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "library.py"))
   assert len(g["snapshots"]) == 3

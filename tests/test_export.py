@@ -78,6 +78,7 @@ _PLAIN_JAX = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_plain_jax_reproduces_eval_py(exported, reference, tmp_path):
   path, meta, report = exported
   apply_fn, stacked, images, labels = reference

@@ -320,6 +320,7 @@ def _cosine_lr(init_lr, t, total, cycles):
   return init_lr / 2 * (np.cos(np.pi * (t % period) / period) + 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_step, states", [(50, [32, 40]), (64, [50, 60])])
 def test_nonfinite_loss_stops_with_message_keeps_snapshots_and_resumes(
     reference, tiny_data, tmp_path, bad_step, states):
@@ -368,6 +369,7 @@ def test_nonfinite_loss_stops_with_message_keeps_snapshots_and_resumes(
   _assert_bitwise_equal(snapshot_arrays(workdir), reference[2])
 
 
+@pytest.mark.slow
 def test_same_seed_is_bitwise_identical_and_another_seed_differs(reference, tiny_data, tmp_path):
   again = str(tmp_path / "again")
   training.train_and_evaluate(tiny_config(tiny_data, eval_snapshots=False), again)

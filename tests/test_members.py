@@ -74,6 +74,7 @@ def k2_run(tiny_data, tmp_path_factory):
 
 
 # Member axis of 2 groups x 2 data devices (the default strategy, "loop"); one group, by lax.map and by vmap.
+@pytest.mark.slow
 @pytest.mark.parametrize("groups, strategy", [(2, "auto"), (1, "map"), (1, "vmap")])
 def test_k2_members_equal_the_runs_with_seeds_s_and_s_plus_1(seed_runs, k2_run, tiny_data, tmp_path, groups, strategy):
   if groups == 2:
@@ -114,6 +115,7 @@ def test_snapshot_layout_and_metadata_record_the_members(k2_run, tiny_data):
       "kernel"])
 
 
+@pytest.mark.slow
 def test_eval_reports_every_member_and_the_true_ensemble(k2_run, seed_runs, tiny_data, tmp_path):
   workdir, result, _ = k2_run
   report = evaluation.evaluate_runs([workdir], out_dir=str(tmp_path), plot=False)
@@ -188,6 +190,7 @@ def sequential_single_cycle(tiny_data, tmp_path_factory):
   return snapshot_arrays(workdir)
 
 
+@pytest.mark.slow
 def test_single_cycle_models_side_by_side_equal_one_after_another(sequential_single_cycle, tiny_data, tmp_path):
   workdir = str(tmp_path / "parallel")
   config = tiny_config(tiny_data, single_cycle_parallel=True, **SC_OVERRIDES)
@@ -217,6 +220,7 @@ def test_single_cycle_models_side_by_side_equal_one_after_another(sequential_sin
     jax.tree.map(np.testing.assert_array_equal, resumed[s], parallel[s])
 
 
+@pytest.mark.slow
 def test_k2_single_cycle_sequential_members_equal_their_seed_runs(sequential_single_cycle, tiny_data, tmp_path):
   workdir = str(tmp_path / "k2sc")
   training.train_and_evaluate(tiny_config(tiny_data, num_members=2, **SC_OVERRIDES), workdir)

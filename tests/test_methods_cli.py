@@ -1,8 +1,6 @@
 """FGE, SWA, EMA and SWAG end to end through train.py and eval.py on the tiny config; bad fields exit 2 in one line."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -18,8 +16,7 @@ METHODS = {
 
 
 def _run(argv):
-  return subprocess.run([sys.executable, *argv], cwd=helpers.ROOT, env=helpers.subprocess_env(4), capture_output=True,
-                        text=True, timeout=TIMEOUT)
+  return helpers.run_python(argv, env=helpers.subprocess_env(4), timeout=TIMEOUT)
 
 
 @pytest.mark.slow

@@ -271,6 +271,7 @@ def _train(config, workdir, **hooks):
   return result, saved, restored, metric_keys
 
 
+@pytest.mark.slow
 def test_training_with_smoothout_saves_clean_weights_and_resumes_bitwise(tiny_data, tmp_path):
   # Two epochs of 16 steps, 2 cycles: snapshots at 16 and 32, train states every 10 steps and at the snapshots.
   config = tiny_config(tiny_data, num_epochs=2.0, smoothout_a=0.02, smoothout_noise="filter", smoothout_chunks=2,

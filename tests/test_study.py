@@ -136,6 +136,7 @@ def test_dry_run_prints_the_real_plan(capsys):
   assert not os.path.exists("/nonexistent")
 
 
+@pytest.mark.slow
 def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(tiny_data, tmp_path, monkeypatch, capsys):
   from snapjax import evaluation, training
   out, results = tmp_path / "study", tmp_path / "results"

@@ -87,6 +87,7 @@ def test_eval_report_equals_naive_recomputation(full_run, tiny_data, tmp_path):
     np.testing.assert_allclose(logged["error"], snap["error"], atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [20, 32])
 def test_interrupted_run_resumes_to_identical_snapshots(full_run, tiny_data, tmp_path, stop_at):
   workdir = str(tmp_path / "run")
@@ -131,6 +132,7 @@ def test_bad_config_is_a_config_error_before_training(tiny_data, tmp_path, field
   assert not os.path.exists(tmp_path / "w" / "snapshots")
 
 
+@pytest.mark.slow
 def test_step_schedule_baseline_takes_equally_spaced_snapshots(tiny_data, tmp_path):
   config = tiny_config(tiny_data, schedule="step", num_cycles=4, eval_snapshots=False)
   result = training.train_and_evaluate(config, str(tmp_path))
@@ -140,6 +142,7 @@ def test_step_schedule_baseline_takes_equally_spaced_snapshots(tiny_data, tmp_pa
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_mock_tfds_cifar10_end_to_end(tmp_path):
   import tensorflow_datasets as tfds
   c = config_lib.base_config()
@@ -176,6 +179,7 @@ def test_paper_configs_match_the_paper_budgets():
       assert c.schedule == "cosine_cycles" and c.momentum == 0.9 and c.weight_decay == 1e-4
 
 
+@pytest.mark.slow
 def test_streamed_dataset_trains_and_evaluates_through_the_stream_path(tmp_path, monkeypatch):
   """ImageNet's path: host batches from make_stream (faked here: tests/test_data.py covers the real tf.data
   stream under tfds mock_data, which patches the file system globally and so races orbax's save threads)."""
@@ -222,6 +226,7 @@ def dataclasses_replace(obj, **kw):
   return dataclasses.replace(obj, **kw)
 
 
+@pytest.mark.slow
 def test_eval_ensembles_the_snapshots_of_several_runs(full_run, tiny_data, tmp_path):
   # A second run with another seed: the paper's true-ensemble comparison stacks both runs' snapshots.
   other = str(tmp_path / "seed1")

@@ -50,6 +50,7 @@ def _flops_of_update(source, step_fn, state):
   return update.flops_per_step
 
 
+@pytest.mark.slow
 @pytest.mark.devices(4)
 def test_flops_of_a_dispatch_of_updates_equal_the_single_step_programs(tiny_data):
   """The K-step program (a fori_loop over the update) against the one-step program, an independent code path."""
@@ -62,6 +63,7 @@ def test_flops_of_a_dispatch_of_updates_equal_the_single_step_programs(tiny_data
   assert flops[1] > 1e6 and flops[4] == pytest.approx(flops[1], rel=0.01), flops
 
 
+@pytest.mark.slow
 @pytest.mark.devices(4)
 def test_member_flops_count_every_member_under_each_strategy(tiny_data):
   """K = 2 members in one device group: lax.map's loop is counted once by XLA and multiplied back (repeats)."""
@@ -126,6 +128,7 @@ def test_throughput_leaves_out_the_first_batch():
   assert one.rate()[1]  # A pass of one batch includes it.
 
 
+@pytest.mark.slow
 @pytest.mark.devices(4)
 def test_progress_lines_show_tflops_and_mfu_and_eval_its_images_per_s(tiny_data, tmp_path, caplog):
   caplog.set_level(logging.INFO)
