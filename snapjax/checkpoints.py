@@ -1,7 +1,7 @@
 """Orbax persistence of a run: the train state (for resuming) and every snapshot, with checksums."""
 import os
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 from etils import epath
 import jax
@@ -88,36 +88,35 @@ class RunCheckpoints:
 
   def restore_extra(self, step: int, name: str, abstract: Any) -> Any:
     """The extra item `name` of the snapshot at `step` (`save_snapshot`), checked against its checksums."""
-    try:
-      out = self._snaps.restore(step, args=ocp.args.Composite(
-          **{name: ocp.args.StandardRestore(abstract)}, meta=ocp.args.JsonRestore()))
-      tree, meta = out[name], out.meta
-      jax.block_until_ready(tree)
-    except Exception as e:
-      reason = str(e).split("See full TensorStore details")[0].strip().splitlines()
-      raise CheckpointError(
-          f"snapshot at step {step} ({self.snapshot_path(step)}) has no readable {name!r} item "
-          f"({type(e).__name__}: {reason[0] if reason else ''})") from e
+    out = self._restore_snapshot_items(step, {name: abstract}, lambda reason: f"has no readable {name!r} item "
+                                                                             f"({reason})")
+    tree, meta = out[name], out.meta
     saved = ((meta or {}).get("extra_checksums") or {}).get(name)
     if saved and saved != array_checksums(tree):
       raise CheckpointError(f"snapshot at step {step} ({self.snapshot_path(step)}) is corrupt: its {name!r} arrays "
                             f"differ from the checksums recorded when it was saved")
     return tree
 
+  def _restore_snapshot_items(self, step: int, abstract: dict[str, Any], problem: Callable[[str], str]) -> Any:
+    """The snapshot's items named in `abstract` (restored to those targets) and its meta, on the devices; an
+    unreadable snapshot is a CheckpointError saying `problem('<exception type>: <its first line>')`."""
+    try:
+      out = self._snaps.restore(step, args=ocp.args.Composite(
+          **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}, meta=ocp.args.JsonRestore()))
+      jax.block_until_ready([out[k] for k in abstract])
+      return out
+    except Exception as e:  # orbax and TensorStore raise many types for unreadable data.
+      lines = str(e).split("See full TensorStore details")[0].strip().splitlines()
+      reason = f"{type(e).__name__}: {lines[0] if lines else ''}"
+      raise CheckpointError(f"snapshot at step {step} ({self.snapshot_path(step)}) {problem(reason)}") from e
+
   def snapshot_path(self, step: int) -> str:
     return os.path.join(str(self._snaps.directory), str(step))
 
   def restore_snapshot(self, step: int, abstract_variables: Any) -> tuple[Any, dict[str, Any]]:
-    try:
-      out = self._snaps.restore(step, args=ocp.args.Composite(
-          variables=ocp.args.StandardRestore(abstract_variables), meta=ocp.args.JsonRestore()))
-      variables, meta = out.variables, out.meta
-      jax.block_until_ready(variables)
-    except Exception as e:
-      reason = str(e).split("See full TensorStore details")[0].strip().splitlines()
-      raise CheckpointError(
-          f"snapshot at step {step} ({self.snapshot_path(step)}) is corrupt or truncated "
-          f"({type(e).__name__}: {reason[0] if reason else ''}); retrain, or evaluate without this run") from e
+    out = self._restore_snapshot_items(step, {"variables": abstract_variables}, lambda reason: (
+        f"is corrupt or truncated ({reason}); retrain, or evaluate without this run"))
+    variables, meta = out.variables, out.meta
     saved = (meta or {}).get("checksums")
     if saved:  # Snapshots saved before checksums were recorded are taken as they are.
       now = array_checksums(variables)
