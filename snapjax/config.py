@@ -8,7 +8,7 @@ from ml_collections import config_dict
 
 # Allowed values of the string-valued fields; models and datasets are checked against their registries.
 SCHEDULES = ("cosine_cycles", "step", "fge", "swa")
-METHODS = ("snapshot", "single_cycle", "fge", "swa", "ema", "swag")
+METHODS = ("snapshot", "single_cycle", "fge", "swa", "ema", "swag", "distill")
 AVERAGING_METHODS = ("swa", "ema", "swag")  # One snapshot at the end: the averaged network (snapjax/averaging.py).
 SWA_BN = ("recompute", "average")
 SMOOTHOUT_NOISES = ("uniform", "weight", "filter")
@@ -62,6 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.swa_bn_batches = 50  # Training batches of batch_size for "recompute" (and SWAG's samples); 0 = one epoch.
   c.ema_decay = 0.999  # method="ema": average = decay * average + (1 - decay) * weights after every update.
   c.swag_rank = 20  # method="swag": deviation columns kept (the paper's K).
+  # method="distill" (Hinton et al. 2015; snapjax/distill.py): the network trained is a student of the finished
+  # ensemble of teacher_workdirs, loss (1 - distill_alpha) CE(labels) + distill_alpha tau^2 KL(teacher_tau ||
+  # student_tau) with tau = distill_tau; the teacher runs inside the compiled step on every (augmented) batch.
+  c.teacher_workdirs = ""  # Comma-separated workdirs of finished runs of the same dataset (train.py --workdir).
+  c.teacher_last_m = 0  # The teacher averages the last this many snapshots of each run (and member); 0 = all.
+  c.distill_alpha = 0.9  # Weight of the distillation term (RepDistiller's KD recipe: 0.9 with tau = 4).
+  c.distill_tau = 4.0  # Temperature of teacher and student in the KL term (its gradient scaled back by tau^2).
   c.batch_size = 64  # Global batch size, split evenly over all devices of all hosts.
   c.eval_batch_size = 500  # Global evaluation batch size (rounded up to a multiple of the device count).
   c.seed = 0  # Seeds initialisation, data order, augmentation and dropout.
@@ -274,6 +281,35 @@ def validate_methods(config: ml_collections.ConfigDict) -> None:
   v = config.swag_rank
   if isinstance(v, bool) or not isinstance(v, int) or v < 1:
     raise ConfigError(f"swag_rank must be an integer >= 1, got {v!r}")
+  validate_distill(config)
+
+
+def validate_distill(config: ml_collections.ConfigDict) -> None:
+  """ConfigError (one line) for distillation fields that are bad or set without method="distill".
+
+  The teacher runs themselves (present, finished, same data) are checked by snapjax.distill.load_teacher.
+  """
+  from snapjax.errors import ConfigError
+  method, workdirs = config.method, config.teacher_workdirs
+  if not isinstance(workdirs, str):
+    raise ConfigError(f"teacher_workdirs must be a string of comma-separated workdirs, got {workdirs!r}")
+  named = [w for w in (p.strip() for p in workdirs.split(",")) if w]
+  if method == "distill" and not named:
+    raise ConfigError("method='distill' needs its teacher: set teacher_workdirs to the workdirs of finished runs, "
+                      "comma-separated (e.g. --config.teacher_workdirs=runs/quickstart)")
+  if method != "distill" and named:
+    raise ConfigError(f"teacher_workdirs={workdirs!r} is only read by method='distill', got method={method!r}; "
+                      f"allowed: '' for this method")
+  v = config.teacher_last_m
+  if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    raise ConfigError(f"teacher_last_m must be an integer >= 0 (0: every snapshot), got {v!r}")
+  v = config.distill_alpha
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+    raise ConfigError(f"distill_alpha must be a number in [0, 1] (the distillation term's weight), got {v!r}")
+  _finite_positive(config, "distill_tau")
+  if method == "distill" and config.smoothout_a:
+    raise ConfigError(f"method='distill' trains with the plain step: it needs smoothout_a=0, got "
+                      f"smoothout_a={config.smoothout_a!r}")
 
 
 def training_members(config: ml_collections.ConfigDict) -> int:

@@ -304,21 +304,25 @@ class MemberBatches:
       self._perm_epochs = epochs
     return self._perms
 
-  def compile(self, make_step: Callable[[jax.Array], train_step.StepFn]) -> train_step.AotUpdate:
+  def compile(self, make_step: Callable[[jax.Array], train_step.StepFn],
+              frozen: PyTree = None) -> train_step.AotUpdate:
     """The jitted update of every member: update(state_J, done, n) -> (state_J, metrics_J), n loop steps.
 
     make_step(dropout_key) -> the 1-member step function of one member (traced once per group program).
     metrics_J: one value per member, or (steps_per_dispatch > 1) one row of them per loop step. Its flops_per_step
     counts every member's update (under lax.map XLA counts one member of each group: utilisation.update_flops).
+    frozen: as train_step.BatchSource.compile's (a distillation teacher's variables), replicated on every device
+    and the same for every member.
     """
     batch_fn, dtype, mp, mesh, k = self._batch_fn, self._dtype, self._mp, self._mesh, self.steps_per_dispatch
     # In a loop body, convolutions as XLA:CPU's top level has them, where the program is lowered for CPU only.
     canonical = dispatch.canonical_convolutions_on_cpu if k > 1 else (lambda f: f)
+    extra = () if frozen is None else (jax.device_put(frozen, NamedSharding(mesh, P())),)
 
-    def group(state_m, x_m, y_m, dropout_keys_m, ends_m):
+    def group(state_m, x_m, y_m, dropout_keys_m, ends_m, *frozen):
       def one(args):
         state, x, y, dropout_key, end = args
-        new, metrics = canonical(make_step(dropout_key))(state, x.astype(dtype), y)
+        new, metrics = canonical(make_step(dropout_key))(state, x.astype(dtype), y, *frozen)
         if mp.masked:  # A member past its last step keeps its state; its metrics do not count.
           active = state["step"] < end
           new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state)
@@ -327,18 +331,18 @@ class MemberBatches:
       return _map(mp.strategy, one, (state_m, x_m, y_m, dropout_keys_m, ends_m))
 
     spec = P(MEMBER_AXIS)
-    update_groups = jax.shard_map(group, mesh=mesh, in_specs=(spec,) * 5, out_specs=(spec, spec),
-                                  axis_names={MEMBER_AXIS})
+    update_groups = jax.shard_map(group, mesh=mesh, in_specs=(spec,) * 5 + (P(),) * len(extra),
+                                  out_specs=(spec, spec), axis_names={MEMBER_AXIS})
 
-    def member_step(state, images, labels, keys, ends, perms):
+    def member_step(state, images, labels, keys, ends, perms, *frozen):
       x, y = batch_fn(images, labels, state["step"], perms, keys["aug"])
-      return update_groups(state, x, y, keys["dropout"], ends)
+      return update_groups(state, x, y, keys["dropout"], ends, *frozen)
 
-    def fused(state, images, labels, keys, ends, perms, num_steps=None):
+    def fused(state, images, labels, keys, ends, perms, num_steps=None, *frozen):
       if num_steps is None:
-        state, metrics = member_step(state, images, labels, keys, ends, perms)
+        state, metrics = member_step(state, images, labels, keys, ends, perms, *frozen)
       else:
-        state, metrics = dispatch.run_steps(member_step, k, state, images, labels, keys, ends, perms,
+        state, metrics = dispatch.run_steps(member_step, k, state, images, labels, keys, ends, perms, *frozen,
                                             num_steps=num_steps)
       # The (J,) metrics replicated: every host reads them (the loop checks and logs them).
       return state, jax.lax.with_sharding_constraint(metrics, NamedSharding(mesh, P()))
@@ -350,10 +354,10 @@ class MemberBatches:
       assert 1 <= n <= k, (n, k)
       perms = self.permutations([mp.global_step(j, done) for j in range(mp.size)])
       if k == 1:
-        return state, self._images, self._labels, self._keys, self._ends, perms
+        return state, self._images, self._labels, self._keys, self._ends, perms, None, *extra
       if n not in counts:
         counts[n] = jax.device_put(np.int32(n), NamedSharding(mesh, P()))
-      return state, self._images, self._labels, self._keys, self._ends, perms, counts[n]
+      return state, self._images, self._labels, self._keys, self._ends, perms, counts[n], *extra
 
     return train_step.AotUpdate(jax.jit(fused, donate_argnums=(0,)), args, k, mesh.devices.size,
                                 repeats=mp.size // mp.groups if mp.strategy == "map" else 1)

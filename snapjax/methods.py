@@ -57,7 +57,7 @@ NOCYCLE_SNAPSHOTS = 6  # NoCycle Snapshot Ensemble: 6 snapshots equally spaced a
 DROPOUT_MODELS = ("wrn", "densenet")  # Model families of the paper's Dropout rows (ResNets have no dropout).
 # The methods that followed Snapshot Ensembles (issue 20), on the same budget: FGE, SWA, EMA of the weights, SWAG.
 FIELD_METHODS = ("fge", "swa", "ema", "swag")
-METHODS = PAPER_METHODS + FIELD_METHODS
+METHODS = PAPER_METHODS + FIELD_METHODS + ("distill",)
 
 
 def apply_method(c: ml_collections.ConfigDict, method: str | None) -> ml_collections.ConfigDict:
@@ -78,6 +78,9 @@ def apply_method(c: ml_collections.ConfigDict, method: str | None) -> ml_collect
     swag: swa, with SWAG's moments (rank 20) saved beside the snapshot; eval.py samples it.
     ema: the single model's step schedule with an exponential average of the weights (decay 0.999) after every
       update; one snapshot, the average.
+  and distillation (snapjax/distill.py; README, "Distilling the ensemble into one network"):
+    distill: a student on the single model's step schedule (lr 0.1, one snapshot at the end), taught by the
+      ensemble of --config.teacher_workdirs (required) with distill_alpha 0.9 and distill_tau 4.
 
   Raises:
     ConfigError: `method` is not one of METHODS, or dropout for a model without dropout.
@@ -99,6 +102,8 @@ def apply_method(c: ml_collections.ConfigDict, method: str | None) -> ml_collect
       c.dropout_rate = 0.2
   elif method == "single_cycle":
     c.method = "single_cycle"
+  elif method == "distill":
+    c.method, c.schedule, c.init_lr, c.num_cycles = "distill", "step", 0.1, 1
   elif method in FIELD_METHODS:
     c.method, c.init_lr, c.num_cycles = method, 0.1, 1
     c.schedule = {"fge": "fge", "swa": "swa", "swag": "swa", "ema": "step"}[method]

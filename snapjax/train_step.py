@@ -130,38 +130,48 @@ def make_smoothout(config: ml_collections.ConfigDict, plan: Plan) -> smoothout_l
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule, dropout_key: jax.Array,
                     smoothout: smoothout_lib.SmoothOut | None = None, num_shards: int = 1,
-                    averaging: averaging_lib.Averaging | None = None) -> StepFn:
+                    averaging: averaging_lib.Averaging | None = None, teacher: Any = None) -> StepFn:
   """One SGD update on a global batch: (state, x, y) -> (state, metrics). Shardings come from jit.
 
   With `smoothout` (a > 0) the gradient is taken at perturbed weights (`smoothout_step`); None or a = 0 is the
   plain step. num_shards: how many devices the batch is split over (SmoothOut's chunks are cut from each
   device's local batch, so they move no data between devices). With `averaging` (methods swa, ema, swag) the
   state's average collects after the update when its step is due (`averaging.wrap_step`).
+
+  With a `teacher` that runs in the step (snapjax.distill.Teacher, method="distill", distill_alpha > 0) the step is
+  (state, x, y, teacher_variables) -> (state, metrics): the teacher's tempered soft labels of x
+  (`teacher.soft_targets`) and the distillation loss (`teacher.loss`; metrics "ce" and "kl" its two terms). The
+  batch sources pass the teacher's variables as an input of the compiled update (`BatchSource.compile`'s frozen).
   """
   if averaging is not None:
     return averaging_lib.wrap_step(make_train_step(model, tx, schedule, dropout_key, smoothout, num_shards),
                                    averaging)
   if smoothout is not None and smoothout.a:
     return smoothout_step(model, tx, schedule, dropout_key, smoothout, num_shards)
+  distil = teacher is not None and teacher.in_step
 
-  def step_fn(state, x_BxHxWxC, labels_B):
+  def step_fn(state, x_BxHxWxC, labels_B, *frozen):
     step = state["step"]
     rng = jax.random.fold_in(dropout_key, step)
+    targets = teacher.soft_targets(*frozen, x_BxHxWxC) if distil else None
 
     def loss_fn(params):
       logits, new_vars = model.apply(
           {"params": params, "batch_stats": state["batch_stats"]}, x_BxHxWxC, train=True,
           mutable=["batch_stats"], rngs={"dropout": rng})
-      return cross_entropy(logits, labels_B).mean(), (logits, new_vars)
+      if distil:
+        loss, terms = teacher.loss(logits, labels_B, targets)
+        return loss, (logits, new_vars, terms)
+      return cross_entropy(logits, labels_B).mean(), (logits, new_vars, {})
 
-    (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, (logits, new_vars, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     grad_norm = optax.tree.norm(grads)
     new_state = {"step": step + 1, "params": optax.apply_updates(state["params"], updates),
                  "batch_stats": new_vars.get("batch_stats", {}), "opt_state": opt_state}
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels_B),
                "lr": schedule(step), "grad_norm": grad_norm,
-               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm), **terms}
     return new_state, metrics
 
   return step_fn
@@ -285,11 +295,13 @@ class BatchSource(Protocol):
   steps_per_dispatch: int
   period: int | None
 
-  def compile(self, step_fn: StepFn) -> AotUpdate:
+  def compile(self, step_fn: StepFn, frozen: PyTree = None) -> AotUpdate:
     """The jitted update(state, step, n) -> (state, metrics): n updates from update `step` (== state["step"]).
 
     metrics: each value a scalar (one update per call) or stacked along a leading axis of steps_per_dispatch
     (the first n rows hold the n updates). `step` may be left out (read from the state: one device sync).
+    frozen: arrays the step reads and never changes (a distillation teacher's variables), an input of every call
+    and passed to step_fn(state, x, y, frozen); None: step_fn(state, x, y), the program without that input.
     """
 
 
@@ -358,18 +370,19 @@ class InMemoryBatches:
       self._perm, self._perm_epoch = self._perm_fn(np.int32(epoch)), epoch
     return self._perm
 
-  def compile(self, step_fn: StepFn) -> AotUpdate:
+  def compile(self, step_fn: StepFn, frozen: PyTree = None) -> AotUpdate:
     batch_fn, dtype, k = self._batch_fn, self._dtype, self.steps_per_dispatch
+    extra = () if frozen is None else (frozen,)
 
-    def train_step(state, images, labels, perm):
+    def train_step(state, images, labels, perm, *frozen):
       x, y = batch_fn(images, labels, perm, state["step"])
-      return step_fn(state, x.astype(dtype), y)
+      return step_fn(state, x.astype(dtype), y, *frozen)
 
     if k == 1:
       def args(state, step=None, n=1):
         assert n == 1, n
         step = int(jax.device_get(state["step"])) if step is None else step
-        return state, self._images, self._labels, self.permutation(step)
+        return state, self._images, self._labels, self.permutation(step), *extra
 
       return AotUpdate(jax.jit(train_step, donate_argnums=(0,)), args, 1, self._num_devices)
 
@@ -377,8 +390,8 @@ class InMemoryBatches:
     # is lowered, so an accelerator program never holds it) the body's are rewritten first (snapjax/dispatch.py).
     body = dispatch.canonical_convolutions_on_cpu(train_step)
 
-    def train_steps(state, images, labels, perm, num_steps):
-      return dispatch.run_steps(body, k, state, images, labels, perm, num_steps=num_steps)
+    def train_steps(state, images, labels, perm, num_steps, *frozen):
+      return dispatch.run_steps(body, k, state, images, labels, perm, *frozen, num_steps=num_steps)
 
     counts = {}  # n -> the count on the devices, made once (a host scalar would be copied at every call).
 
@@ -387,7 +400,7 @@ class InMemoryBatches:
       step = int(jax.device_get(state["step"])) if step is None else step
       if n not in counts:
         counts[n] = jax.device_put(np.int32(n), self._replicated)
-      return state, self._images, self._labels, self.permutation(step), counts[n]
+      return state, self._images, self._labels, self.permutation(step), counts[n], *extra
 
     return AotUpdate(jax.jit(train_steps, donate_argnums=(0,)), args, k, self._num_devices)
 
@@ -406,17 +419,18 @@ class StreamedBatches:
     self._dtype = exp.compute_dtype
     self._num_devices = exp.mesh.devices.size
 
-  def compile(self, step_fn: StepFn) -> AotUpdate:
+  def compile(self, step_fn: StepFn, frozen: PyTree = None) -> AotUpdate:
     dtype = self._dtype
+    extra = () if frozen is None else (frozen,)
 
-    def train_step(state, x, y):
-      return step_fn(state, x.astype(dtype), y)
+    def train_step(state, x, y, *frozen):
+      return step_fn(state, x.astype(dtype), y, *frozen)
 
     def args(state, step=None, n=1):
       del step
       assert n == 1, n
       b = next(self._stream)
       return (state, jax.make_array_from_process_local_data(self._sharding, b["image"]),
-              jax.make_array_from_process_local_data(self._sharding, b["label"]))
+              jax.make_array_from_process_local_data(self._sharding, b["label"]), *extra)
 
     return AotUpdate(jax.jit(train_step, donate_argnums=(0,)), args, 1, self._num_devices)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from snapjax import checkpoints, config as config_lib, ensemble, evaluation, experiment, members, training
+from snapjax import checkpoints, config as config_lib, ensemble, evaluation, experiment, members, runs, training
 from snapjax.errors import ConfigError
 
 from helpers import NUM_TEST, snapshot_arrays, tiny_config
@@ -105,7 +105,7 @@ def test_snapshot_layout_and_metadata_record_the_members(k2_run, tiny_data):
     raw = ocp.StandardCheckpointer().restore(ckpt.snapshot_path(16) + "/variables")
     kernel = raw["params"]["stem_conv"]["kernel"]
     assert kernel.shape[0] == 2
-    abstract = evaluation._stacked_abstract(exp.abstract_variables(), 2)
+    abstract = runs.stacked_abstract(exp.abstract_variables(), 2)
     _, meta = ckpt.restore_snapshot(16, abstract)
   finally:
     ckpt.close()

@@ -87,13 +87,13 @@ class KMembers:
 
     def make_step(dropout_key):
       step_fn = train_step.make_train_step(run.exp.model, run.tx, run.schedule, dropout_key, smoothout=smoothout,
-                                           num_shards=num_shards, averaging=run.averaging)
+                                           num_shards=num_shards, averaging=run.averaging, teacher=run.teacher)
       return hooks.wrap_step(step_fn) if hooks.wrap_step else step_fn
 
     source = members_lib.MemberBatches(run.exp, self.mesh, run.train_arrays, run.plan, self.mp, self.keys,
                                        run.settings.steps_per_dispatch)
     run.train_arrays = None
-    return source.compile(make_step)
+    return source.compile(make_step, frozen=run.frozen())
 
   def dispatch_end(self, done: int, every: tuple[int | None, ...]) -> int:
     return dispatch.dispatch_end(done, self.run.settings.steps_per_dispatch, self.total_steps,

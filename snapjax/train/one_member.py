@@ -53,10 +53,11 @@ class OneMember:
     run = self.run
     step_fn = train_step.make_train_step(run.exp.model, run.tx, run.schedule, self._dropout_key,
                                          smoothout=train_step.make_smoothout(run.config, run.plan),
-                                         num_shards=run.exp.mesh.devices.size, averaging=run.averaging)
+                                         num_shards=run.exp.mesh.devices.size, averaging=run.averaging,
+                                         teacher=run.teacher)
     source = self._batch_source(start)
     self._period, self._steps_per_dispatch = source.period, source.steps_per_dispatch
-    return source.compile(self.hooks.wrap_step(step_fn) if self.hooks.wrap_step else step_fn)
+    return source.compile(self.hooks.wrap_step(step_fn) if self.hooks.wrap_step else step_fn, frozen=run.frozen())
 
   def _batch_source(self, start: int) -> train_step.BatchSource:
     run, s = self.run, self.run.settings

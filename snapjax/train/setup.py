@@ -10,7 +10,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from snapjax import averaging as averaging_lib, bn_data, checkpoints, experiment, members, train_step, utilisation
+from snapjax import averaging as averaging_lib, bn_data, checkpoints, distill, experiment, members, train_step
+from snapjax import utilisation
 from snapjax import weight_space
 from snapjax import workdir as workdir_lib, workdir_lock
 from snapjax import config as config_lib
@@ -69,6 +70,12 @@ class Run:
   writer: Any = None
   averaging: averaging_lib.Averaging | None = None  # Methods swa, ema, swag: the average in the train state.
   bn_arrays: tuple[np.ndarray, np.ndarray] | None = None  # The host training split, for `measure_batch_stats`.
+  teacher: distill.Teacher | None = None  # method="distill": the frozen ensemble the student learns from.
+
+  def frozen(self) -> Any:
+    """What the compiled update takes besides the state and the data: the teacher's variables when the step runs
+    the teacher (method="distill", distill_alpha > 0), else None (the plain program)."""
+    return self.teacher.variables if self.teacher is not None and self.teacher.in_step else None
 
   def averaged_snapshot(self, variables: Any, stacked: bool = False) -> Any:
     """The averaged network's variables to save: its BatchNorm statistics measured again unless swa_bn="average".
@@ -93,6 +100,9 @@ class Run:
     method = self.settings.method
     meta = {"step": step, "cycle": cycle, "epoch": step / self.plan.steps_per_epoch, "method": method,
             "model": cycle - 1 if method == "single_cycle" else 0}
+    if self.teacher is not None:  # Which ensemble taught it (TEACHER_FILE has each snapshot's checksum too).
+      meta["teacher"] = {k: v for k, v in self.teacher.record().items() if k != "snapshots"}
+      meta["teacher"]["workdirs"] = sorted({s["workdir"] for s in self.teacher.sources})
     if self.averaging is not None:  # The averaged network, and how many iterates it averages.
       meta.update(averaged=self.averaging.kind, collected=len(self.averaging.collect_steps(self.plan.total_steps)),
                   batch_stats="averaged" if self.averaging.average_batch_stats else "recomputed")
@@ -132,14 +142,20 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, fresh: bool) -> Run:
   plan = train_step.make_plan(config, num_train)
   schedule = train_step.make_schedule(config, plan.total_steps, plan.steps_per_epoch)
   averaging = averaging_lib.from_config(config, plan.steps_per_epoch)
+  teacher = distill.load_teacher(config, exp)  # method="distill": every teacher run checked, its snapshots restored.
+  if teacher is not None and not fresh:
+    distill.check_recorded(workdir, teacher)
   run = Run(config, settings, workdir, exp, plan, train_step.make_optimizer(config, schedule), schedule,
             train_arrays, test_arrays, averaging=averaging,
-            bn_arrays=train_arrays if averaging is not None and not averaging.average_batch_stats else None)
+            bn_arrays=train_arrays if averaging is not None and not averaging.average_batch_stats else None,
+            teacher=teacher)
   run.lock = workdir_lock.claim(workdir)  # Refuses a workdir a live run is writing, before anything moves.
   try:
     if fresh:
       workdir_lib.start_fresh(workdir)
     workdir_lib.write_config(workdir, config_dict)
+    if teacher is not None:
+      distill.write_record(workdir, teacher)
     run.ckpt = checkpoints.RunCheckpoints(workdir)
     run.writer = make_writer(workdir)
   except BaseException:
