@@ -1,7 +1,7 @@
 """Paper Table 1: densenet100 on cifar10, B=300 epochs, M=6 cycles, batch 64, alpha0=0.2.
 
 `--config configs/cifar10_densenet100.py:METHOD` trains another Table 1 column on the same budget, METHOD one of
-snapshot (default), snapshot_lr0.1, single, nocycle, single_cycle, dropout, or fge, swa, ema, swag (snapjax.methods.apply_method).
+snapshot (default), snapshot_lr0.1, single, nocycle, single_cycle, dropout, or fge, swa, ema, swag, distill (snapjax.methods.apply_method; distill needs --config.teacher_workdirs).
 """
 from snapjax import methods
 

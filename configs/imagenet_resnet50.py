@@ -2,7 +2,7 @@
 
 `--config configs/imagenet_resnet50.py:METHOD` trains a baseline on the same budget, METHOD one of snapshot
 (default), snapshot_lr0.1 (the same here: alpha0 is already 0.1), single (the paper's single model), nocycle,
-single_cycle, or fge, swa, ema, swag (snapjax.methods.apply_method).
+single_cycle, or fge, swa, ema, swag, distill (snapjax.methods.apply_method; distill needs --config.teacher_workdirs).
 """
 from snapjax import config as base, methods
 

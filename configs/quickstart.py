@@ -5,7 +5,8 @@ overfit), which is the regime where the paper's ensemble pays off; on this budge
 improving from cycle to cycle and their last snapshot beats the ensemble (see README).
 
 `configs/quickstart.py:METHOD` trains another method on this budget (snapjax.methods.apply_method; the same as
-`configs/fashion_mnist.py:METHOD`), e.g. `:fge`, `:swa`, `:swag`, `:ema`.
+`configs/fashion_mnist.py:METHOD`), e.g. `:fge`, `:swa`, `:swag`, `:ema`, or
+`:distill --config.teacher_workdirs=runs/quickstart` (a ResNet-8 student of the quickstart's ensemble).
 """
 from snapjax import methods
 

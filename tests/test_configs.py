@@ -72,7 +72,7 @@ def test_every_method_of_every_paper_config_is_valid_and_the_papers(name):
 @pytest.mark.parametrize("name", ["cifar10_wrn32_4", "fashion_mnist"])
 def test_unknown_method_names_the_allowed_ones(name):
   with pytest.raises(ConfigError, match="'snapshots' is not a method; allowed: snapshot, snapshot_lr0.1, "
-                                        "single, nocycle, single_cycle, dropout, fge, swa, ema, swag"):
+                                        "single, nocycle, single_cycle, dropout, fge, swa, ema, swag, distill"):
     configs.load(name).get_config("snapshots")
 
 
@@ -150,6 +150,20 @@ def test_train_py_bad_method_is_one_line_and_exit_code_2(arg, needles, tmp_path)
 
 
 FIELD_METHODS = ("fge", "swa", "ema", "swag")
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS) + ["fashion_mnist", "quickstart"])
+def test_distill_of_every_config_is_the_single_model_budget_with_a_teacher_to_name(name):
+  module = configs.load(name)
+  single, c = module.get_config("single"), module.get_config("distill")
+  with pytest.raises(ConfigError, match="method='distill' needs its teacher: set teacher_workdirs"):
+    config_lib.validate(c, 4)
+  c.teacher_workdirs = "runs/teacher"
+  config_lib.validate(c, 4)
+  assert (c.method, c.schedule, c.init_lr, c.num_cycles, c.distill_alpha, c.distill_tau) == (
+      "distill", "step", 0.1, 1, 0.9, 4.0)
+  differ = {k for k in c.to_dict() if c[k] != single[k]}
+  assert differ == {"method", "teacher_workdirs"}, (name, differ)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS) + ["fashion_mnist", "quickstart"])
