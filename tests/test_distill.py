@@ -223,3 +223,25 @@ def test_student_trains_evaluates_and_exports_through_the_scripts(tiny_run, tiny
   assert os.path.getsize(exported) > 0
   record = json.load(open(os.path.join(workdir, distill.TEACHER_FILE)))
   assert [s["step"] for s in record["snapshots"]] == [64]
+
+
+@pytest.mark.slow
+def test_two_processes_distil_like_one_process_with_four_devices(tiny_run, tiny_data, tmp_path):
+  """2 processes x 2 devices over gloo, each restoring the teacher, against 1 process x 4 devices (the lr and
+  the short budget of tests/test_multihost.py, where the two layouts differ only by the order of their sums)."""
+  teacher_wd, _ = tiny_run()
+  over = {**STUDENT, "teacher_workdirs": teacher_wd, "num_epochs": 0.5, "init_lr": 1e-4, "steps_per_dispatch": 2,
+          "augment": "crop_flip"}
+  reference = str(tmp_path / "reference")
+  training.train_and_evaluate(tiny_config(tiny_data, **over), reference)
+  workdir, port = str(tmp_path / "run"), helpers.free_port()
+  argvs = [helpers.train_argv(helpers.WORKER, tiny_data, workdir, over, "--coordinator_address", f"127.0.0.1:{port}",
+                              "--num_processes", "2", "--process_id", str(i), "--cpu_collectives", "gloo")
+           for i in range(2)]
+  helpers.launch(argvs, helpers.subprocess_env(2), str(tmp_path), 240)
+  got, want = snapshot_arrays(workdir), snapshot_arrays(reference)
+  assert sorted(got) == sorted(want) == [8]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), got, want)
+  record = json.load(open(os.path.join(workdir, distill.TEACHER_FILE)))  # Written once, by process 0.
+  assert [s["step"] for s in record["snapshots"]] == [32, 64]
+  assert not [f for f in os.listdir(workdir) if f.startswith(distill.TEACHER_FILE + ".")]
