@@ -11,6 +11,7 @@ SCHEDULES = ("cosine_cycles", "step", "fge", "swa")
 METHODS = ("snapshot", "single_cycle", "fge", "swa", "ema", "swag", "distill")
 AVERAGING_METHODS = ("swa", "ema", "swag")  # One snapshot at the end: the averaged network (snapjax/averaging.py).
 SWA_BN = ("recompute", "average")
+DISTILL_SOFT_LABELS = ("auto", "step")
 SMOOTHOUT_NOISES = ("uniform", "weight", "filter")
 MEMBER_STRATEGIES = ("auto", "loop", "map", "vmap")  # How one device group runs its members (snapjax/members.py).
 SMOOTHOUT_SCHEDULES = ("constant", "anneal", "tanh")
@@ -69,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher_last_m = 0  # The teacher averages the last this many snapshots of each run (and member); 0 = all.
   c.distill_alpha = 0.9  # Weight of the distillation term (RepDistiller's KD recipe: 0.9 with tau = 4).
   c.distill_tau = 4.0  # Temperature of teacher and student in the KL term (its gradient scaled back by tau^2).
+  # Where the teacher runs: "auto" = once, before training, on every training image when the batches are not
+  # augmented (augment "none": its soft labels are then the same at every epoch), else inside the step on each
+  # augmented batch; "step" = inside the step always.
+  c.distill_soft_labels = "auto"
   c.batch_size = 64  # Global batch size, split evenly over all devices of all hosts.
   c.eval_batch_size = 500  # Global evaluation batch size (rounded up to a multiple of the device count).
   c.seed = 0  # Seeds initialisation, data order, augmentation and dropout.
@@ -307,6 +312,9 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
   if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
     raise ConfigError(f"distill_alpha must be a number in [0, 1] (the distillation term's weight), got {v!r}")
   _finite_positive(config, "distill_tau")
+  if config.distill_soft_labels not in DISTILL_SOFT_LABELS:
+    raise ConfigError(f"distill_soft_labels={config.distill_soft_labels!r} is not known; allowed: "
+                      f"{', '.join(DISTILL_SOFT_LABELS)}")
   if method == "distill" and config.smoothout_a:
     raise ConfigError(f"method='distill' trains with the plain step: it needs smoothout_a=0, got "
                       f"smoothout_a={config.smoothout_a!r}")

@@ -11,11 +11,16 @@ and the student (config.model, by default the teacher's architecture or a smalle
 
 the tau^2 keeping the soft term's gradient on the scale of the hard one's (Hinton et al., Section 2).
 
-The teacher runs inside the compiled train step on each augmented batch, so its soft labels are those of the
-images the student sees: the fused evaluator (`ensemble.ensemble_predict`) in eval mode, frozen (no gradient).
-Its stacked snapshot variables are an input of the compiled update, neither part of the train state (they are not
-checkpointed with it) nor constants of the program (a closed-over array would be copied into the program's text).
-With distill_alpha = 0 the teacher is loaded and checked but not run: the step is the plain one.
+With augmented training batches the teacher runs inside the compiled train step on each augmented batch, so its
+soft labels are those of the images the student sees: the fused evaluator (`ensemble.ensemble_predict`) in eval
+mode, frozen (no gradient). Its stacked snapshot variables are then an input of the compiled update, neither part
+of the train state (they are not checkpointed with it) nor constants of the program (a closed-over array would be
+copied into the program's text). Without augmentation (augment "none") an image's soft labels are the same at
+every epoch, so with distill_soft_labels="auto" they are computed once, on the devices, for every training image
+before training (`precompute_soft_labels`, on every start and resume: a second of a teacher pass instead of one per
+batch) and drawn with the labels, index for index; distill_soft_labels="step" keeps the teacher in the step.
+Either way its cost is part of the run's wall time. With distill_alpha = 0 the teacher is loaded and checked but
+never run: the step is the plain one.
 
 `load_teacher` makes every check of the teacher runs before anything is compiled or written: each workdir is a
 finished snapjax run with snapshots (restored with their CRC32 checksums checked), of the student's dataset,
@@ -30,9 +35,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
-from snapjax import checkpoints, ensemble, experiment, runs, workdir as workdir_lib
+from snapjax import checkpoints, data, ensemble, experiment, runs, workdir as workdir_lib
 from snapjax.errors import CheckpointError, ConfigError
 
 PyTree = Any
@@ -62,6 +68,7 @@ class Teacher:
   model: str
   alpha: float
   tau: float
+  precomputed: bool = False  # Soft labels of every training image computed once before training (no augmentation).
 
   @property
   def size(self) -> int:
@@ -69,7 +76,13 @@ class Teacher:
 
   @property
   def in_step(self) -> bool:
-    """Does the train step run the teacher? Not at alpha = 0, where its term has no weight."""
+    """Does the train step run the teacher? Not at alpha = 0, where its term has no weight, nor when its soft
+    labels were computed before training."""
+    return self.alpha > 0 and not self.precomputed
+
+  @property
+  def distils(self) -> bool:
+    """Does the step take the distillation loss (alpha > 0), with soft labels from the batch or from the teacher?"""
     return self.alpha > 0
 
   def soft_targets(self, variables: PyTree, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -83,7 +96,8 @@ class Teacher:
 
   def record(self) -> dict[str, Any]:
     """What TEACHER_FILE and the snapshots' metadata say of the teacher."""
-    return {"model": self.model, "alpha": self.alpha, "tau": self.tau, "size": self.size, "snapshots": self.sources}
+    return {"model": self.model, "alpha": self.alpha, "tau": self.tau, "size": self.size,
+            "soft_labels": "precomputed" if self.precomputed else "in the step", "snapshots": self.sources}
 
 
 def tempered(probs_BxC: jax.Array, tau: float) -> jax.Array:
@@ -180,8 +194,27 @@ def load_teacher(config: ml_collections.ConfigDict, exp: experiment.Experiment) 
   sources = [{"workdir": str(workdir_lib.run_path(m.workdir)), "step": m.step, "member": m.member,
               "checksum": snapshot_checksum(checkpoints.array_checksums(m.variables))} for m in picked]
   stacked = jax.device_put(ensemble.stack_snapshots([m.variables for m in picked]), exp.replicated)
+  precomputed = (config.distill_soft_labels == "auto" and exp.spec.in_memory and exp.spec.augment == "none"
+                 and float(config.distill_alpha) > 0)
   return Teacher(variables=stacked, apply_fn=teacher_exp.apply_fn, sources=sources, model=str(configs[0].model),
-                 alpha=float(config.distill_alpha), tau=float(config.distill_tau))
+                 alpha=float(config.distill_alpha), tau=float(config.distill_tau), precomputed=precomputed)
+
+
+def precompute_soft_labels(teacher: Teacher, exp: experiment.Experiment, images: np.ndarray) -> np.ndarray:
+  """The tempered teacher probabilities of every training image (raw, as the split holds them), float32 (N, C).
+
+  The training batches of an unaugmented run are the normalised images (data.augment_batch with augment "none"),
+  so these are the soft labels the step would compute for them. Run on the run's mesh in batches of
+  eval_batch_size; every host gets the whole array (each holds the whole host split too).
+  """
+  spec, variables = exp.spec, teacher.variables
+  fn = jax.jit(lambda v, raw: soft_targets(teacher, v, data.normalize(raw, spec)), out_shardings=exp.replicated)
+  batch = experiment.round_up(int(exp.config.eval_batch_size), exp.mesh.devices.size)
+  out = []
+  for x, _, mask in data.eval_batches(images, np.zeros(len(images), np.int32), batch):
+    probs = fn(variables, experiment.put_sharded(exp.mesh, x))
+    out.append(np.asarray(probs.addressable_data(0))[mask.astype(bool)])
+  return np.concatenate(out).astype(np.float32)
 
 
 def check_recorded(workdir: str, teacher: Teacher) -> None:

@@ -251,8 +251,8 @@ def make_member_batch_fn(mesh, spec: data.DatasetSpec, plan: train_step.Plan, ba
         idx = jax.lax.dynamic_slice_in_dim(perm[0, i], pos * local_batch, local_batch) + i * rows
         key = jax.random.fold_in(jax.random.fold_in(aug_key, step), d)
         xs.append(data.augment_batch(key, images_l[idx], spec, train=True))
-        ys.append(labels_l[idx])
-      return jnp.concatenate(xs), jnp.concatenate(ys)
+        ys.append(jax.tree.map(lambda a: a[idx], labels_l))
+      return jnp.concatenate(xs), jax.tree.map(lambda *a: jnp.concatenate(a), *ys)
 
     return _map(strategy, member, (steps_m, perms_m, aug_keys_m))
 
@@ -266,11 +266,12 @@ def put_train_split(mesh, arrays: tuple[np.ndarray, np.ndarray]) -> tuple[jax.Ar
   """The training split sharded over "data" as the 1-member run on every device holds it (same rows dropped)."""
   n = mesh.devices.size
   sharding = NamedSharding(mesh, P(DATA_AXIS))
-  out = []
-  for a in arrays:
+
+  def put(a):
     a = a[: len(a) // n * n]
-    out.append(jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]))
-  return tuple(out)
+    return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+  return tuple(jax.tree.map(put, a) for a in arrays)  # Labels may be (labels, soft labels): Run.training_arrays.
 
 
 class MemberBatches:

@@ -138,22 +138,27 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
   device's local batch, so they move no data between devices). With `averaging` (methods swa, ema, swag) the
   state's average collects after the update when its step is due (`averaging.wrap_step`).
 
-  With a `teacher` that runs in the step (snapjax.distill.Teacher, method="distill", distill_alpha > 0) the step is
-  (state, x, y, teacher_variables) -> (state, metrics): the teacher's tempered soft labels of x
-  (`teacher.soft_targets`) and the distillation loss (`teacher.loss`; metrics "ce" and "kl" its two terms). The
-  batch sources pass the teacher's variables as an input of the compiled update (`BatchSource.compile`'s frozen).
+  With a `teacher` (snapjax.distill.Teacher, method="distill", distill_alpha > 0) the loss is the distillation loss
+  (`teacher.loss`; metrics "ce" and "kl" its two terms). A teacher that runs in the step makes the step
+  (state, x, y, teacher_variables) -> (state, metrics), its tempered soft labels of x from `teacher.soft_targets`;
+  the batch sources pass the teacher's variables as an input of the compiled update (`BatchSource.compile`'s
+  frozen). With soft labels computed before training (`teacher.precomputed`) y is (labels, soft labels).
   """
   if averaging is not None:
     return averaging_lib.wrap_step(make_train_step(model, tx, schedule, dropout_key, smoothout, num_shards),
                                    averaging)
   if smoothout is not None and smoothout.a:
     return smoothout_step(model, tx, schedule, dropout_key, smoothout, num_shards)
-  distil = teacher is not None and teacher.in_step
+  distil = teacher is not None and teacher.distils
 
   def step_fn(state, x_BxHxWxC, labels_B, *frozen):
     step = state["step"]
     rng = jax.random.fold_in(dropout_key, step)
-    targets = teacher.soft_targets(*frozen, x_BxHxWxC) if distil else None
+    targets = None
+    if distil and teacher.precomputed:  # Drawn with the labels (`Run.training_arrays`).
+      labels_B, targets = labels_B
+    elif distil:
+      targets = teacher.soft_targets(*frozen, x_BxHxWxC)
 
     def loss_fn(params):
       logits, new_vars = model.apply(
@@ -335,7 +340,7 @@ def make_device_batch_fn(mesh, spec: data.DatasetSpec, plan: Plan, batch_size: i
     d = jax.lax.axis_index(DATA_AXIS)
     idx = jax.lax.dynamic_slice_in_dim(perm_l, step % plan.steps_per_epoch * local_batch, local_batch)
     key = jax.random.fold_in(jax.random.fold_in(aug_key, step), d)
-    return data.augment_batch(key, images_l[idx], spec, train=True), labels_l[idx]
+    return data.augment_batch(key, images_l[idx], spec, train=True), jax.tree.map(lambda a: a[idx], labels_l)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
                        out_specs=(P(DATA_AXIS), P(DATA_AXIS)))
@@ -351,10 +356,12 @@ class InMemoryBatches:
   def __init__(self, exp: Experiment, arrays: tuple[np.ndarray, np.ndarray], plan: Plan,
                data_key: jax.Array, aug_key: jax.Array, steps_per_dispatch: int = 1):
     n = exp.mesh.devices.size
+    images, labels = arrays  # labels: an array, or (labels, soft labels) of a distilled student (Run.training_arrays).
     # Drop the few examples that do not split evenly over the devices.
-    self._images, self._labels = (put_sharded(exp.mesh, a[: len(a) // n * n]) for a in arrays)
+    self._images = put_sharded(exp.mesh, images[: len(images) // n * n])
+    self._labels = jax.tree.map(lambda a: put_sharded(exp.mesh, a[: len(a) // n * n]), labels)
     self._batch_fn = make_device_batch_fn(exp.mesh, exp.spec, plan, exp.config.batch_size, aug_key)
-    self._perm_fn = make_epoch_permutation_fn(exp.mesh, data_key, len(arrays[1]) // n)
+    self._perm_fn = make_epoch_permutation_fn(exp.mesh, data_key, len(images) // n)
     self._perm, self._perm_epoch = None, None
     self._plan = plan
     self._dtype = exp.compute_dtype

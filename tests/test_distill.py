@@ -48,13 +48,20 @@ def _captured_steps(config, workdir, steps):
   return seen
 
 
-@pytest.mark.parametrize("augment, tau", [("crop_flip", 2.0), ("none", 1.0)])
+# The teacher in the step on augmented batches; its soft labels computed before training (no augmentation, "auto");
+# in the step without augmentation ("step").
+@pytest.mark.parametrize("augment, tau, soft_labels", [("crop_flip", 2.0, "auto"), ("none", 1.0, "auto"),
+                                                       ("none", 3.0, "step")])
 def test_alpha_1_loss_is_the_numpy_kl_to_the_teacher_ensemble_on_the_augmented_batch(tiny_run, tiny_data, tmp_path,
-                                                                                     augment, tau):
+                                                                                     augment, tau, soft_labels):
   teacher_wd, _ = tiny_run()
-  config = _student(tiny_data, teacher_wd, distill_alpha=1.0, distill_tau=tau, augment=augment, steps_per_dispatch=1)
+  config = _student(tiny_data, teacher_wd, distill_alpha=1.0, distill_tau=tau, augment=augment, steps_per_dispatch=1,
+                    distill_soft_labels=soft_labels)
   seen = _captured_steps(config, str(tmp_path / "student"), steps=2)
   assert sorted(seen) == [0, 1]
+  record = json.load(open(os.path.join(tmp_path, "student", distill.TEACHER_FILE)))
+  precomputed = augment == "none" and soft_labels == "auto"
+  assert record["soft_labels"] == ("precomputed" if precomputed else "in the step")
   # The reference teacher: each snapshot's eval-mode logits by its own jitted call, averaged and tempered in NumPy.
   exp = experiment.build(evaluation.load_run_config(teacher_wd))
   snaps = [m.variables for m in evaluation.restore_members([teacher_wd], exp)]
@@ -64,6 +71,10 @@ def test_alpha_1_loss_is_the_numpy_kl_to_the_teacher_ensemble_on_the_augmented_b
   for step, (params, batch_stats, x, y, metrics) in seen.items():
     mean = np.mean([_np_softmax(np.asarray(apply(v, x), np.float64)) for v in snaps], axis=0)
     p = _np_softmax(np.log(mean) / tau)
+    assert isinstance(y, tuple) == precomputed
+    if precomputed:  # The batch carries the soft labels computed before training, drawn with its labels.
+      y, soft = y
+      np.testing.assert_allclose(soft, p, rtol=1e-4, atol=1e-7)
     logits, _ = student.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
     log_q = np.log(_np_softmax(np.asarray(logits, np.float64) / tau))
     kl = np.mean(np.sum(p * (np.log(p) - log_q), -1))
@@ -140,9 +151,11 @@ def test_interrupted_student_resumes_bitwise_and_a_changed_teacher_is_refused(ti
 
 
 @pytest.mark.slow
-def test_k2_distilled_members_equal_the_one_member_student_of_each_seed(tiny_run, tiny_data, tmp_path):
+@pytest.mark.parametrize("augment", ["crop_flip", "none"])  # The teacher in the step; soft labels drawn with labels.
+def test_k2_distilled_members_equal_the_one_member_student_of_each_seed(tiny_run, tiny_data, tmp_path, augment):
   teacher_wd, _ = tiny_run()
-  over = dict(num_epochs=1.0, init_lr=1e-4, seed=3, checkpoint_every_steps=5)  # As tests/test_members.py's oracle.
+  over = dict(num_epochs=1.0, init_lr=1e-4, seed=3, checkpoint_every_steps=5,  # As tests/test_members.py's oracle.
+              augment=augment)
   k2, one = str(tmp_path / "k2"), str(tmp_path / "one")
   training.train_and_evaluate(_student(tiny_data, teacher_wd, num_members=2, member_groups=2, **over), k2)
   training.train_and_evaluate(_student(tiny_data, teacher_wd, **over), one)

@@ -90,7 +90,7 @@ class KMembers:
                                            num_shards=num_shards, averaging=run.averaging, teacher=run.teacher)
       return hooks.wrap_step(step_fn) if hooks.wrap_step else step_fn
 
-    source = members_lib.MemberBatches(run.exp, self.mesh, run.train_arrays, run.plan, self.mp, self.keys,
+    source = members_lib.MemberBatches(run.exp, self.mesh, run.training_arrays(), run.plan, self.mp, self.keys,
                                        run.settings.steps_per_dispatch)
     run.train_arrays = None
     return source.compile(make_step, frozen=run.frozen())

@@ -62,7 +62,7 @@ class OneMember:
   def _batch_source(self, start: int) -> train_step.BatchSource:
     run, s = self.run, self.run.settings
     if run.exp.spec.in_memory:
-      source = train_step.InMemoryBatches(run.exp, run.train_arrays, run.plan, self._data_key, self._aug_key,
+      source = train_step.InMemoryBatches(run.exp, run.training_arrays(), run.plan, self._data_key, self._aug_key,
                                           s.steps_per_dispatch)
       run.train_arrays = None  # Only the device copy is kept.
       return source

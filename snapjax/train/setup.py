@@ -4,8 +4,10 @@
 claims the workdir (snapjax/workdir_lock.py) and opens its checkpoints and metric writer.
 """
 import dataclasses
+import time
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -71,6 +73,18 @@ class Run:
   averaging: averaging_lib.Averaging | None = None  # Methods swa, ema, swag: the average in the train state.
   bn_arrays: tuple[np.ndarray, np.ndarray] | None = None  # The host training split, for `measure_batch_stats`.
   teacher: distill.Teacher | None = None  # method="distill": the frozen ensemble the student learns from.
+
+  def training_arrays(self) -> tuple[np.ndarray, Any]:
+    """The in-memory training split for the batch source: (images, labels), or, for a student whose teacher's soft
+    labels are computed before training (distill.Teacher.precomputed), (images, (labels, soft labels))."""
+    images, labels = self.train_arrays
+    if self.teacher is None or not self.teacher.precomputed:
+      return images, labels
+    start = time.time()
+    soft = distill.precompute_soft_labels(self.teacher, self.exp, images)
+    logging.info("Distillation: the teacher's soft labels of the %d training images (%d snapshots), once before "
+                 "training (augment=none): %.1f s", len(labels), self.teacher.size, time.time() - start)
+    return images, (labels, soft)
 
   def frozen(self) -> Any:
     """What the compiled update takes besides the state and the data: the teacher's variables when the step runs
