@@ -17,8 +17,8 @@ mode, frozen (no gradient). Its stacked snapshot variables are then an input of 
 of the train state (they are not checkpointed with it) nor constants of the program (a closed-over array would be
 copied into the program's text). Without augmentation (augment "none") an image's soft labels are the same at
 every epoch, so with distill_soft_labels="auto" they are computed once, on the devices, for every training image
-before training (`precompute_soft_labels`, on every start and resume: a second of a teacher pass instead of one per
-batch) and drawn with the labels, index for index; distill_soft_labels="step" keeps the teacher in the step.
+before training (`precompute_soft_labels`, on every start and resume: one teacher pass over the split instead of
+one per batch) and drawn with the labels, index for index; distill_soft_labels="step" keeps the teacher in the step.
 Either way its cost is part of the run's wall time. With distill_alpha = 0 the teacher is loaded and checked but
 never run: the step is the plain one.
 
