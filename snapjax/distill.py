@@ -23,7 +23,7 @@ Either way its cost is part of the run's wall time. With distill_alpha = 0 the t
 never run: the step is the plain one.
 
 `load_teacher` makes every check of the teacher runs before anything is compiled or written: each workdir is a
-finished snapjax run with snapshots (restored with their CRC32 checksums checked), of the student's dataset,
+snapjax run with snapshots that no live run is still training (restored with their CRC32 checksums checked), of the student's dataset,
 class count and input shape, and the runs can be ensembled together. The teacher's snapshots and checksums are
 recorded in the student's workdir (TEACHER_FILE) when it starts; a resumed run whose teacher changed is refused.
 """
@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from snapjax import checkpoints, data, ensemble, experiment, runs, workdir as workdir_lib
+from snapjax import checkpoints, data, ensemble, experiment, runs, workdir as workdir_lib, workdir_lock
 from snapjax.errors import CheckpointError, ConfigError
 
 PyTree = Any
@@ -136,6 +136,10 @@ def _teacher_config(workdir: str) -> ml_collections.ConfigDict:
                           f"missing); allowed: the --workdir of finished train.py runs")
   if not checkpoints.saved_snapshot_steps(workdir):
     raise CheckpointError(f"teacher_workdirs: {workdir!r} has no snapshots; train it first")
+  lock = workdir_lock.holder(workdir)
+  if lock is not None and workdir_lock.is_live(lock):  # A preempted run's snapshots so far are taken as they are.
+    raise CheckpointError(f"teacher_workdirs: {workdir!r} is still training (a live run holds its "
+                          f"{workdir_lock.LOCK_FILE}); distil from it once it has finished")
   return ml_collections.ConfigDict(saved)
 
 

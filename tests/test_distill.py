@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from snapjax import distill, evaluation, experiment, training
+from snapjax import distill, evaluation, experiment, training, workdir_lock
 from snapjax.errors import CheckpointError, ConfigError
 
 import helpers
@@ -173,47 +173,55 @@ def _train(argv):
   return helpers.run_python(argv, env=helpers.subprocess_env(4), timeout=300)
 
 
-def _other_dataset(tiny_run, path):
-  """A copy of the teacher whose config says it was trained on CIFAR-10."""
-  shutil.copytree(tiny_run()[0], path)
-  cfg = json.load(open(os.path.join(path, "config.json")))
-  cfg["dataset"] = "cifar10"
-  json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
-  return str(path)
-
-
 @pytest.mark.parametrize("case, needles", [
     ("missing", ["teacher_workdirs:", "is not a directory"]),
     ("not_a_run", ["teacher_workdirs:", "is not a snapjax run"]),
     ("no_snapshots", ["teacher_workdirs:", "has no snapshots"]),
     ("other_dataset", ["teacher_workdirs:", "dataset='cifar10' (10 classes)", "allowed: runs of dataset"]),
     ("twice", ["teacher_workdirs names", "twice"]),
+    ("still_training", ["teacher_workdirs:", "is still training"]),
     ("no_teacher", ["method='distill' needs its teacher"]),
     ("alpha", ["distill_alpha must be a number in [0, 1]"]),
     ("tau", ["distill_tau must be a finite number > 0"]),
+    ("soft_labels", ["distill_soft_labels='once' is not known; allowed: auto, step"]),
     ("teacher_for_snapshot", ["teacher_workdirs=", "only read by method='distill'"]),
 ])
 def test_bad_teacher_is_one_line_exit_2_and_nothing_written(case, needles, tiny_run, tiny_data, tmp_path):
   teacher_wd, _ = tiny_run()
-  empty = tmp_path / "empty"
-  empty.mkdir()
-  no_snaps = tmp_path / "no_snaps"
-  no_snaps.mkdir()
-  shutil.copy(os.path.join(teacher_wd, "config.json"), no_snaps / "config.json")
-  overrides = {**STUDENT, "teacher_workdirs": teacher_wd}
-  overrides.update({
-      "missing": {"teacher_workdirs": str(tmp_path / "nowhere")},
-      "not_a_run": {"teacher_workdirs": str(empty)},
-      "no_snapshots": {"teacher_workdirs": str(no_snaps)},
-      "other_dataset": {"teacher_workdirs": f"{teacher_wd},{_other_dataset(tiny_run, tmp_path / 'cifar')}"},
-      "twice": {"teacher_workdirs": f"{teacher_wd},{teacher_wd}/"},
-      "no_teacher": {"teacher_workdirs": ""},
-      "alpha": {"distill_alpha": 1.5},
-      "tau": {"distill_tau": 0.0},
-      "teacher_for_snapshot": {"method": "snapshot", "schedule": "cosine_cycles", "num_cycles": 2},
-  }.get(case, {}))
+  lock, overrides = None, {**STUDENT, "teacher_workdirs": teacher_wd}
+  if case == "missing":
+    overrides["teacher_workdirs"] = str(tmp_path / "nowhere")
+  elif case == "not_a_run":
+    os.makedirs(tmp_path / "empty")
+    overrides["teacher_workdirs"] = str(tmp_path / "empty")
+  elif case == "no_snapshots":
+    os.makedirs(tmp_path / "no_snaps")
+    shutil.copy(os.path.join(teacher_wd, "config.json"), tmp_path / "no_snaps" / "config.json")
+    overrides["teacher_workdirs"] = str(tmp_path / "no_snaps")
+  elif case == "other_dataset":  # A copy of the teacher whose config says it was trained on CIFAR-10.
+    other = str(tmp_path / "cifar")
+    shutil.copytree(teacher_wd, other)
+    cfg = json.load(open(os.path.join(other, "config.json")))
+    json.dump({**cfg, "dataset": "cifar10"}, open(os.path.join(other, "config.json"), "w"))
+    overrides["teacher_workdirs"] = f"{teacher_wd},{other}"
+  elif case == "twice":
+    overrides["teacher_workdirs"] = f"{teacher_wd},{teacher_wd}/"
+  elif case == "still_training":  # A copy of the teacher whose lock this live test process holds.
+    busy = str(tmp_path / "training")
+    shutil.copytree(teacher_wd, busy)
+    lock = workdir_lock.acquire(busy)
+    overrides["teacher_workdirs"] = busy
+  else:
+    overrides.update({"no_teacher": {"teacher_workdirs": ""}, "alpha": {"distill_alpha": 1.5},
+                      "tau": {"distill_tau": 0.0}, "soft_labels": {"distill_soft_labels": "once"},
+                      "teacher_for_snapshot": {"method": "snapshot", "schedule": "cosine_cycles", "num_cycles": 2},
+                      }[case])
   workdir = tmp_path / "student"
-  proc = _train(helpers.train_argv("train.py", tiny_data, str(workdir), overrides))
+  try:
+    proc = _train(helpers.train_argv("train.py", tiny_data, str(workdir), overrides))
+  finally:
+    if lock is not None:
+      lock.release()
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert lines[-1].startswith("error: ") and all(n in lines[-1] for n in needles), lines[-1]
