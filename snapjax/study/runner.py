@@ -1,7 +1,7 @@
 """Running the study's plan: one step at a time, or up to --jobs N side by side, and the state file.
 
-A step runs as its own command (`python train.py ...` / `python eval.py ...` in a subprocess, its output appended
-to train.log / eval.log in its workdir or report directory) or, with --in_process, as the same library call in this
+A step runs as its own command (`python train.py ...` / `python eval.py ...` / `python -m snapjax.study.serving ...`
+in a subprocess, its output appended to train.log / eval.log / serve.log in its workdir or report directory) or, with --in_process, as the same library call in this
 process. OUT/study_state.json keeps each finished step's wall time and each invocation's, across invocations.
 SIGTERM/SIGINT stop after the running steps (a train.py run saves its state); re-running resumes.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from snapjax.study import plan
+from snapjax.study import plan, serving
 from snapjax.study.stats import duration
 
 STATE_FILE = "study_state.json"
@@ -125,14 +125,22 @@ class Runner:
   def _in_process(self, step: dict[str, Any]) -> str:
     from snapjax import evaluation, training
     from snapjax.errors import UserError
+    cwd = os.getcwd()
     try:
+      os.chdir(plan.ROOT)  # Where the subprocesses run: a relative teacher workdir is relative to it.
       if step["kind"] == "train":
         result = training.train_and_evaluate(step["config"], step["workdir"])
         return "preempted" if result.preempted else "ok"
-      evaluation.evaluate_runs(step["workdirs"], out_dir=step["out_dir"], analyses=step["analyses"] or None)
+      if step["kind"] == "serve":
+        serving.measure(step["workdir"], step["out_file"])
+        return "ok"
+      evaluation.evaluate_runs(step["workdirs"], out_dir=step["out_dir"], analyses=step["analyses"] or None,
+                               **step["options"])
       return "ok"
     except (UserError, training.TrainingDiverged) as e:
       return f"failed: {' '.join(str(e).split())}"
+    finally:
+      os.chdir(cwd)
 
   def terminate(self, signum, frame) -> None:
     """SIGTERM/SIGINT: pass it to the running train.py processes (which save their state) and stop after them."""
@@ -154,7 +162,7 @@ def run_study(out: str, steps: list[dict[str, Any]], *, jobs: int = 1, in_proces
   todo = [s for s in steps if plan.status(s) != "done"]
   log(f"{len(steps)} steps, {len(steps) - len(todo)} done already, {len(todo)} to run "
       f"({sum(s['kind'] == 'train' for s in todo)} training runs)")
-  durations = {"train": [], "eval": []}
+  durations = {"train": [], "eval": [], "serve": []}
   for s in steps:
     durations[s["kind"]] += [v["seconds"] for k, v in state.data["steps"].items() if k == s["key"]]
   if jobs > 1:
