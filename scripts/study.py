@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
   summary = page.write_results(results.collect_results(args, steps, args.arms), args.results_dir)
   runner.log(f"wrote {os.path.join(args.results_dir, page.RESULTS_NAME + '.md')} and .json")
   for c in summary["comparisons"]:
-    runner.log(f"{c['label_a']} vs {c['label_b']}: {c['verdict']}")
+    runner.log(f"{c['label_a']} vs {c['label_b']} ({c['metric'].replace('_', ' ')}): {c['verdict']}")
   return code
 
 

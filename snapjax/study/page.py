@@ -47,9 +47,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
   if summary.get("tiny"):
     lines += ["**Tiny pipeline test** (`--tiny`): generated data and a few updates; the numbers mean nothing.", ""]
   lines += ["## Agreement with the paper", "",
-            "Each line is generated from the per-seed paired differences of test error (arm a - arm b): "
-            "*agrees* when the claim holds in every seed, *disagrees* when the opposite holds in every seed, "
-            "*inconclusive* otherwise (a tie counts against both).", ""]
+            "Each line is generated from the per-seed paired differences of the claim's metric (arm a - arm b; test "
+            "error, or the calibrated NLL for Ashukha et al.'s claims on calibrated uncertainty): *agrees* when the "
+            "claim holds in every seed, *disagrees* when the opposite holds in every seed, *inconclusive* otherwise "
+            "(a tie counts against both). A pooled arm (the true and the deep ensemble: one evaluation over several "
+            "seeds' runs) is one number, subtracted from each seed of the other arm.", ""]
   for c in summary["comparisons"]:
     lines.append(f"- {c['label_a']} vs {c['label_b']} ({c['source']}: {c['claim']}): {c['text']}")
   for section in (_results_section, _uncertainty_section, _ood_section, _shift_section, _size_section,
