@@ -361,6 +361,95 @@ def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(tiny_data, tmp_path, 
   assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "study_state" not in p.name}
 
 
+NEW_ARMS = ("fge", "swa", "swag", "distill")
+
+
+@pytest.mark.slow
+def test_the_new_arms_end_to_end_on_tiny_data(tiny_data, tmp_path, monkeypatch):
+  """FGE, SWA, SWAG, the distilled student and the deep ensemble, one seed: every new metric from the eval reports
+  onto the page, the JSON and the figures; a second invocation runs nothing."""
+  from snapjax import distill, evaluation, training, uncertainty
+  out, results = tmp_path / "study", tmp_path / "results"
+  argv = ["--tiny", tiny_data, "--out", str(out), "--results_dir", str(results), "--seeds", "0", "--in_process",
+          "--deep_ensemble_size", "2", "--arms", ",".join(("snapshot", "single", *NEW_ARMS, "deep_ensemble"))]
+  calls = []
+  real_train = training.train_and_evaluate
+
+  def counting_train(config, workdir, **kw):
+    calls.append(os.path.relpath(workdir, out))
+    return real_train(config, workdir, **kw)
+
+  monkeypatch.setattr(training, "train_and_evaluate", counting_train)
+  assert study.main(argv) == 0
+  assert calls == ["snapshot/s0", "single/s0", "fge/s0", "swa/s0", "swag/s0", "distill/s0", "single/s1"]
+  teacher = json.loads((out / "distill" / "s0" / distill.TEACHER_FILE).read_text())
+  assert {os.path.abspath(s["workdir"]) for s in teacher["snapshots"]} == {str(out / "snapshot" / "s0")}
+
+  data = json.loads((results / "fashion_mnist.json").read_text())
+  page = (results / "fashion_mnist.md").read_text()
+  assert set(data["arms"]) == {"snapshot", "single", *NEW_ARMS, "deep_ensemble"}
+  for arm in ("snapshot", "single", *NEW_ARMS):
+    run, rep = data["arms"][arm]["runs"]["0"], json.loads((out / arm / "s0" / "eval" / "report.json").read_text())
+    m = rep["ensemble"]["m"]
+    temp = rep["temperature"]["ensembles"][m - 1]
+    assert (run["calibrated_nll"], run["ece_ts"], run["brier"]) == (temp["test_cv"]["nll"], temp["test_cv"]["ece"],
+                                                                   temp["before"]["brier"]), arm
+    assert run["aurc"] == rep["selective"]["ensembles"][m - 1]["aurc"]
+    assert run["conformal_coverage"] == rep["conformal"]["ensemble"]["thr"]["0.1"]["coverage"]
+    assert {k: run[f"auroc_{k}"] for k in ("digits", "uniform_noise", "gaussian_noise")} == {
+        k: rep["ood"]["sets"][k]["ensemble"]["max_prob"]["auroc"] for k in ("digits", "uniform_noise", "gaussian_noise")}
+    assert run["shift_error"] == [p["error"] for p in rep["shift"]["per_severity"]["ensemble"]]
+    assert run["shift_cnll"] == [p["nll_scaled"] for p in rep["shift"]["per_severity"]["ensemble"]]
+    assert rep["shift"]["examples"] == plan.TINY_EVAL_OPTIONS["shift_examples"] and len(run["shift_error"]) == 5
+    for metric in ("calibrated_nll", "ece_ts", "brier", "aurc", "conformal_coverage", "conformal_size",
+                   "auroc_digits", "dee"):
+      assert data["arms"][arm]["stats"][metric]["n"] == 1, (arm, metric)
+  # The networks each arm serves: FGE's midpoint snapshots, SWAG's posterior samples, one averaged network (SWA).
+  nets = {arm: data["arms"][arm]["runs"]["0"]["networks"] for arm in ("snapshot", "fge", "swa", "swag", "distill")}
+  assert nets == {"snapshot": 2, "fge": 2, "swa": 1, "swag": plan.TINY_EVAL_OPTIONS["swag_samples"], "distill": 1}
+  assert data["budget"]["arms"]["fge"]["snapshot_steps"] == [20, 28]  # 16 updates of pretraining, 2 cycles of 8.
+  # The deep ensemble: the Single runs of seeds 0 and 1, its curve the reference of every run's DEE.
+  de = json.loads((out / "deep_ensemble" / "eval" / "report.json").read_text())
+  curve = [d["calibrated_nll"] for d in de["dee"]["deep_ensembles"]]
+  assert data["arms"]["deep_ensemble"]["runs"]["pooled"]["dee_curve"] == curve and len(curve) == 2
+  for arm in ("snapshot", *NEW_ARMS):
+    run = data["arms"][arm]["runs"]["0"]
+    assert (run["dee"], run["dee_bound"]) == uncertainty.deep_ensemble_equivalent(curve, run["calibrated_nll"])
+  # Costs: the student's training is its teacher's and its own; the deep ensemble's its two runs'.
+  state = json.loads((out / runner.STATE_FILE).read_text())["steps"]
+  assert data["arms"]["distill"]["cost"] == "2x" and data["arms"]["deep_ensemble"]["cost"] == "2x"
+  np.testing.assert_allclose(data["arms"]["distill"]["wall"]["train_per_seed"]["0"],
+                             state["train/distill/s0"]["seconds"] + state["train/snapshot/s0"]["seconds"])
+  serve = data["serving"]
+  assert serve["single"]["networks"] == 1 and serve["ensemble"]["networks"] == 2
+  np.testing.assert_allclose(serve["ensemble"]["weights_mb"], 2 * serve["single"]["weights_mb"])
+  assert f"| {nets['swag']} | {nets['swag'] * serve['single']['ms_per_example']:.4f} |" in page
+  for section in ("## Calibrated uncertainty", "## Out-of-distribution detection", "## Dataset shift",
+                  "## Calibrated NLL vs ensemble size", "## Training and serving cost"):
+    assert section in page, section
+  for arm in ("fge", "swa", "swag", "distill", "deep_ensemble"):
+    assert any(l.startswith(f"| {plan.LABELS[arm]} | {pm_cnll(data, arm)} |") for l in page.splitlines()), arm
+  for key in ("cnll_vs_size", "shift"):
+    png = results / data["figures"][key]
+    assert png.read_bytes()[:4] == b"\x89PNG" and f"]({png.name})" in page
+  assert {c["who"] for c in data["comparisons"] if c["verdict"] != "not run" and "who" in c} == {
+      "the FGE paper", "the SWA paper", "Ashukha et al.", "Hinton et al."}
+
+  def refuse(*args, **kw):
+    raise AssertionError("a finished step was run again")
+
+  monkeypatch.setattr(training, "train_and_evaluate", refuse)
+  monkeypatch.setattr(evaluation, "evaluate_runs", refuse)
+  from snapjax.study import serving
+  monkeypatch.setattr(serving, "measure", refuse)
+  assert study.main(argv) == 0  # Resumable: FGE's run (last snapshot before the end) and SWAG's eval are done.
+
+
+def pm_cnll(data, arm):
+  """An arm's calibrated NLL as the uncertainty table prints it (one seed: the value alone)."""
+  return f"{data['arms'][arm]['stats']['calibrated_nll']['mean']:.4f}"
+
+
 class _FakeChild:
   """A subprocess stand-in that finishes after `polls` polls."""
 

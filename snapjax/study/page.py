@@ -273,17 +273,22 @@ def plot_cnll_vs_size(summary: dict[str, Any], path: str) -> str | None:
   if not arms and not curve:
     return None
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = plt.subplots(figsize=(10, 4.5))
   if curve:
     ax.plot(range(1, len(curve) + 1), curve, "k-o", lw=2.5, label=LABELS[DEEP_ENSEMBLE_ARM])
-  for _, e in arms:
+  for i, (_, e) in enumerate(arms):
     means = [p["mean"] for p in e["curve_stats"]["cnll_curve"]]
-    ax.plot(range(1, len(means) + 1), means, ".-", label=e["label"])
-  ax.set_xscale("log")
+    ax.plot(range(1, len(means) + 1), means, ".-", color=plt.cm.tab20(i % 20), label=e["label"])
+  from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+  ax.set_xscale("log")  # SWAG's samples reach 30 networks, the snapshot ensembles 3-6.
+  top = max([len(curve or [])] + [len(e["curve_stats"]["cnll_curve"]) for _, e in arms])
+  ax.xaxis.set_major_locator(FixedLocator([t for t in (1, 2, 3, 4, 5, 6, 10, 20, 30, 50, 100) if t <= top]))
+  ax.xaxis.set_minor_locator(NullLocator())
+  ax.xaxis.set_major_formatter(ScalarFormatter())
   ax.set_xlabel("networks in the ensemble (last m; the deep ensemble: its first k runs)")
   ax.set_ylabel("calibrated NLL (test-CV temperature)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -297,13 +302,14 @@ def plot_shift(summary: dict[str, Any], path: str) -> str | None:
   if not rows:
     return None
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for label, clean, errs in rows:
-    ax.plot(range(len(errs) + 1), [100 * clean, *[100 * x for x in errs]], ".-", label=label)
+  fig, ax = plt.subplots(figsize=(10, 4.5))
+  for i, (label, clean, errs) in enumerate(rows):
+    ax.plot(range(len(errs) + 1), [100 * clean, *[100 * x for x in errs]], ".-", color=plt.cm.tab20(i % 20),
+            label=label)
   ax.set_xlabel("shift severity (0 = clean)")
   ax.set_ylabel("test error (%), mean over corruptions and seeds")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
