@@ -393,6 +393,12 @@ def _budget_section(summary: dict[str, Any]) -> list[str]:
             f"same {size} runs for every seed, so they would give the same number {len(summary['seeds'])} times, "
             "not a spread. The distilled student of seed s is taught by the Snapshot Ensemble run of seed s "
             "(`--config.teacher_workdirs`), after it: 2x the training of one run.", ""]
+  collected = sorted({c for r in (summary["arms"].get("swag", {}).get("runs") or {}).values()
+                      for c in r.get("swag_collected") or []})
+  if collected:
+    rank = b["arms"].get("swag", {}).get("swag_rank", "n/a")
+    lines += [f"SWAG collected {'/'.join(str(c) for c in collected)} iterates per run on this budget (once per epoch "
+              f"from 0.75 B), so its low-rank part has K = min(iterates, rank {rank}) columns.", ""]
   if summary.get("budget_note"):
     lines += ["How the budget was chosen: " + " ".join(summary["budget_note"].split()), ""]
   if summary.get("pilot_note"):
