@@ -13,13 +13,15 @@ The budget, for every arm: ResNet-8, the first 20,000 training images without au
 updates of batch 128), M = 5 cosine cycles of 6 epochs (936 updates) for the cyclic arms. It is the quickstart's
 (configs/quickstart.py: 10,000 images, 30 epochs, 6-epoch cycles that converge) with twice the data, so twice the
 updates per cycle at the same 6 epochs per cycle: 600,000 training images per run, about 2x the quickstart's
-3.5 min, which fits 6 arms x 3 seeds (18 runs) and their evaluations in about 2 hours on this project's 2-core CPU.
-docs/results/fashion_mnist.md says how it was chosen and what a pilot run measured.
+3.5 min, which fit issue 9's 6 arms x 3 seeds (18 runs) and their evaluations in about 2 hours on this project's
+2-core CPU (2 h 34 min measured at --jobs 2). docs/results/fashion_mnist.md says how it was chosen and what a pilot
+run measured. Issue 23's arms keep it: 32 runs and 32 evaluations with OOD and shift, about 6 hours at --jobs 2 by
+`python scripts/study.py --dry_run`'s estimate from those measured times.
 """
 from snapjax import config as base, methods
 
-# Every arm of the study that trains; the eval-side arms (weight-averaged snapshots, true ensemble) are in
-# scripts/study.py.
+# Every arm of the study that trains; the eval-side arms (weight-averaged snapshots, true and deep ensembles) are in
+# snapjax/study/plan.py.
 ARMS = ("snapshot", "snapshot_lr0.1", "single", "nocycle", "single_cycle", "snapshot_smoothout", "fge", "swa", "swag",
         "distill")
 # The arm whose run of the same seed teaches the distill arm's student.

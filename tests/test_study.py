@@ -523,8 +523,22 @@ def test_jobs_run_steps_side_by_side_after_their_dependencies(monkeypatch):
 
 
 def test_jobs_must_be_positive_and_one_in_process(capsys):
-  for argv in (["--jobs", "0"], ["--jobs", "2", "--in_process"]):
+  for argv, flag in ((["--jobs", "0"], "--jobs"), (["--jobs", "2", "--in_process"], "--jobs"),
+                     (["--deep_ensemble_size", "1"], "--deep_ensemble_size")):
     with pytest.raises(SystemExit) as e:
       study.parse_args(argv)
     assert e.value.code == 2
-    assert "--jobs" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err
+
+
+def test_the_serving_measurement_refuses_a_missing_run_in_one_line(tmp_path, capsys):
+  from snapjax.study import serving
+  with pytest.raises(SystemExit) as e:
+    serving.main(["--workdir", str(tmp_path / "missing"), "--out", str(tmp_path / "serving.json")])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "missing" in err[0] and not (tmp_path / "serving.json").exists()
+  with pytest.raises(SystemExit) as e:
+    serving.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "s.json"), "--repeats", "0"])
+  assert e.value.code == 2 and "--repeats=0" in capsys.readouterr().err
+  assert not serving.is_fresh(str(tmp_path / "serving.json"), str(tmp_path))
