@@ -266,6 +266,18 @@ def _pyplot():
   return plt
 
 
+def _save(plt, fig, ax, path: str, xlabel: str, ylabel: str) -> str:
+  """Labels, grid and legend (outside, right) of a page figure; writes it to path and returns its file name."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return os.path.basename(path)
+
+
 def plot_cnll_vs_size(summary: dict[str, Any], path: str) -> str | None:
   """Calibrated NLL vs number of networks of every ensemble arm and the deep ensemble; the file name, or None
   when there is nothing to draw."""
@@ -285,14 +297,8 @@ def plot_cnll_vs_size(summary: dict[str, Any], path: str) -> str | None:
   ax.xaxis.set_major_locator(FixedLocator([t for t in (1, 2, 3, 4, 5, 6, 10, 20, 30, 50, 100) if t <= top]))
   ax.xaxis.set_minor_locator(NullLocator())
   ax.xaxis.set_major_formatter(ScalarFormatter())
-  ax.set_xlabel("networks in the ensemble (last m; the deep ensemble: its first k runs)")
-  ax.set_ylabel("calibrated NLL (test-CV temperature)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return os.path.basename(path)
+  return _save(plt, fig, ax, path, "networks in the ensemble (last m; the deep ensemble: its first k runs)",
+               "calibrated NLL (test-CV temperature)")
 
 
 def plot_shift(summary: dict[str, Any], path: str) -> str | None:
@@ -306,14 +312,7 @@ def plot_shift(summary: dict[str, Any], path: str) -> str | None:
   for i, (label, clean, errs) in enumerate(rows):
     ax.plot(range(len(errs) + 1), [100 * clean, *[100 * x for x in errs]], ".-", color=plt.cm.tab20(i % 20),
             label=label)
-  ax.set_xlabel("shift severity (0 = clean)")
-  ax.set_ylabel("test error (%), mean over corruptions and seeds")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return os.path.basename(path)
+  return _save(plt, fig, ax, path, "shift severity (0 = clean)", "test error (%), mean over corruptions and seeds")
 
 
 def _figure_section(summary: dict[str, Any]) -> list[str]:
