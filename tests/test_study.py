@@ -474,7 +474,7 @@ def test_jobs_run_steps_side_by_side_after_their_dependencies(monkeypatch):
                 "needs": [f"train/single/s{s}" for s in seeds]})
   done, running, events, peak = set(), set(), [], [0]
 
-  def fake_status(step):
+  def fake_status(step, known=None):
     if step["key"] in done:
       return "done"
     return "waiting" if any(n not in done for n in step["needs"]) else "todo"

@@ -419,8 +419,8 @@ def _method_settings(a: dict[str, Any]) -> str:
             (f", rank {a['swag_rank']}" if a["method"] == "swag" else ""))
   if a["method"] == "distill":
     last = a["teacher_last_m"] or "all"
-    return (f"teacher {a['teacher_workdirs']} ({last} snapshots), alpha {a['distill_alpha']:g}, "
-            f"tau {a['distill_tau']:g}")
+    return (f"teacher: the same seed's Snapshot Ensemble run (first seed: {a['teacher_workdirs']}; {last} "
+            f"snapshots), alpha {a['distill_alpha']:g}, tau {a['distill_tau']:g}")
   return ""
 
 

@@ -207,20 +207,23 @@ def check_workdir(step: dict[str, Any]) -> None:
                        f"use another --out")
 
 
-def status(step: dict[str, Any]) -> str:
-  """'done', 'resume' (a train run with some progress), 'todo', or 'waiting' (an eval whose runs are not done).
+def status(step: dict[str, Any], done: set[str] | None = None) -> str:
+  """'done', 'resume' (a train run with some progress), 'todo', or 'waiting' (a step whose needs are not done).
 
-  A run is done when its last planned snapshot is saved; an evaluation when its report covers exactly the snapshots its
-  runs hold now, with every analysis it asks for.
+  A run is done when its last planned snapshot is saved; an evaluation when its report covers exactly the snapshots
+  its runs hold now, with every analysis it asks for; the serving measurement when its file measured the run as it
+  is now. `done`: keys already known to be done (a scheduler's), not read again.
   """
+  if done is not None and step["key"] in done:
+    return "done"
   if step["kind"] == "train":
     # Its last snapshot (FGE's is at its last cycle's midpoint, before the budget's end: what follows is unused).
     if step["plan"].snapshot_steps[-1] in checkpoints.saved_snapshot_steps(step["workdir"]):
       return "done"
     if workdir_lib.read_config(step["workdir"]) is not None:
       return "resume"
-    return "waiting" if any(status(t) != "done" for t in step["needs"]) else "todo"
-  if any(status(t) != "done" for t in step["needs"]):
+    return "waiting" if any(status(t, done) != "done" for t in step["needs"]) else "todo"
+  if any(status(t, done) != "done" for t in step["needs"]):
     return "waiting"
   if step["kind"] == "serve":
     return "done" if serving.is_fresh(step["out_file"], step["workdir"]) else "todo"

@@ -224,17 +224,25 @@ def run_parallel(jobs: int, steps: list[dict[str, Any]], state: State, runner: R
   two runs side by side finish sooner than one after the other; each run's own wall time is then longer.
   """
   started, running, failed = set(), {}, []  # running: Popen -> (step, t0)
+  done: set[str] = set()  # Keys known to be done: their reports are not read again at every poll.
+
+  def status(step):
+    st = plan.status(step, done)
+    if st == "done":
+      done.add(step["key"])
+    return st
+
   while True:
     if not runner.stop_requested:
       for step in steps:
         if len(running) >= jobs:
           break
-        if step["key"] in started or plan.status(step) in ("done", "waiting"):
+        if step["key"] in started or status(step) in ("done", "waiting"):
           continue
         remaining = ([s for s in steps if s["kind"] == "train" and s["key"] not in started],
                      [s for s in steps if s["kind"] == "eval" and s["key"] not in started])
         started.add(step["key"])
-        log(f"run {step['key']} ({'resuming' if plan.status(step) == 'resume' else 'starting'}; "
+        log(f"run {step['key']} ({'resuming' if status(step) == 'resume' else 'starting'}; "
             f"{len(running) + 1} running): {shlex.join(step['argv'])}; ETA of the rest "
             f"{_eta(durations, remaining, jobs)}")
         running[runner.start(step)] = (step, time.monotonic())
@@ -244,7 +252,8 @@ def run_parallel(jobs: int, steps: list[dict[str, Any]], state: State, runner: R
     for child in [c for c in running if c.poll() is not None]:
       step, t0 = running.pop(child)
       outcome = runner.outcome(step, child)
-      record(step, time.monotonic() - t0, outcome, runner, state, durations, failed)
+      if record(step, time.monotonic() - t0, outcome, runner, state, durations, failed) == "done":
+        done.add(step["key"])
   state.save()
   if runner.stop_requested:
     return 3
