@@ -464,20 +464,24 @@ class _FakeChild:
 
 
 def test_jobs_run_steps_side_by_side_after_their_dependencies(monkeypatch):
-  """--jobs 2: at most 2 runs at once, an eval only once every run it reads is done, every step once."""
+  """--jobs 2: at most 2 runs at once, a step only once every step it needs has finished (not merely written its
+  outputs: here a running step's outputs look done at once), every step once."""
   seeds = [0, 1]
   steps = [{"key": f"train/{a}/s{s}", "kind": "train", "argv": ["python", "train.py", a, str(s)], "needs": []}
            for s in seeds for a in ("snapshot", "single")]
-  steps += [{"key": f"eval/{a}/s{s}", "kind": "eval", "argv": ["python", "eval.py"], "needs": [f"train/{a}/s{s}"]}
-            for s in seeds for a in ("snapshot", "single")]
+  by_key = {s["key"]: s for s in steps}
+  steps += [{"key": f"eval/{a}/s{s}", "kind": "eval", "argv": ["python", "eval.py"],
+             "needs": [by_key[f"train/{a}/s{s}"]]} for s in seeds for a in ("snapshot", "single")]
   steps.append({"key": "eval/true_ensemble", "kind": "eval", "argv": ["python", "eval.py"],
-                "needs": [f"train/single/s{s}" for s in seeds]})
+                "needs": [by_key[f"train/single/s{s}"] for s in seeds]})
+  steps.append({"key": "serve/network", "kind": "serve", "argv": ["python", "-m", "snapjax.study.serving"],
+                "needs": list(steps)})
   done, running, events, peak = set(), set(), [], [0]
 
   def fake_status(step, known=None):
-    if step["key"] in done:
+    if step["key"] in done or step["key"] in running:  # Its report (or last snapshot) is written while it runs.
       return "done"
-    return "waiting" if any(n not in done for n in step["needs"]) else "todo"
+    return "waiting" if any(fake_status(n) != "done" for n in step["needs"]) else "todo"
 
   class Runner:
     stop_requested = False
@@ -517,7 +521,7 @@ def test_jobs_run_steps_side_by_side_after_their_dependencies(monkeypatch):
       ended[key] = i
   for s in steps:
     start = events.index(("start", s["key"]))
-    assert all(ended[n] < start for n in s["needs"]), s["key"]
+    assert all(ended[n["key"]] < start for n in s["needs"]), s["key"]
   # Plan order among the runs that were ready: the first two training runs start first.
   assert events[:2] == [("start", "train/snapshot/s0"), ("start", "train/single/s0")]
 

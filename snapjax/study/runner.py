@@ -204,7 +204,7 @@ def record(step: dict[str, Any], seconds: float, outcome: str, runner: Runner, s
   """Logs and records a finished step: 'done', 'stopped' (preempted or asked to stop) or 'failed'."""
   if outcome == "ok":
     state.finished(step["key"], seconds, step["argv"])
-    durations[step["kind"]].append(seconds)
+    durations.setdefault(step["kind"], []).append(seconds)
     log(f"done {step['key']} in {duration(seconds)}")
     return "done"
   state.save()
@@ -239,6 +239,9 @@ def run_parallel(jobs: int, steps: list[dict[str, Any]], state: State, runner: R
           break
         if step["key"] in started or status(step) in ("done", "waiting"):
           continue
+        busy = {s["key"] for s, _ in running.values()}
+        if any(n["key"] in busy for n in step.get("needs", [])):
+          continue  # A step it needs is still running (its report or last snapshot may already be written).
         remaining = ([s for s in steps if s["kind"] == "train" and s["key"] not in started],
                      [s for s in steps if s["kind"] == "eval" and s["key"] not in started])
         started.add(step["key"])
