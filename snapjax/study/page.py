@@ -228,8 +228,8 @@ def _cost_section(summary: dict[str, Any]) -> list[str]:
   lines = ["## Training and serving cost", ""]
   if serve:
     one, ens = serve["single"], serve["ensemble"]
-    lines += [f"Serving: measured once, in-process, after every run (`python -m snapjax.study.serving`, the study's "
-              f"last step) on {serve['workdir']}: its last snapshot alone, {one['ms_per_example']:.4f} ms per example "
+    lines += [f"Serving: measured once, by the study's last step after every other had finished (`python -m "
+              f"snapjax.study.serving`, in one process), on {serve['workdir']}: its last snapshot alone, {one['ms_per_example']:.4f} ms per example "
               f"at batch {serve['large_batch']} (median of {serve['repeats']} calls after a warm-up; raw test "
               f"images from host memory through the fused evaluator, as eval.py scores), {one['weights_mb']:.3f} MB "
               f"of float32 weights; all its {ens['networks']} snapshots fused, {ens['ms_per_example']:.4f} ms per "
