@@ -101,10 +101,13 @@ def print_plan(steps: list[dict[str, Any]], args: argparse.Namespace) -> None:
   with open(reference) as f:
     ref = json.load(f)
   from snapjax import corruptions, ood_data
-  est = stats.estimate_wall(steps, ref, num_test=ref["num_test_examples"],
+  todo = [s for s in steps if plan.status(s) != "done"]
+  est = stats.estimate_wall(todo, ref, num_test=ref["num_test_examples"],
                             ood_images=stats.DIGITS_IMAGES + 2 * ood_data.NUM_NOISE,
                             shift_cells=len(corruptions.CORRUPTIONS) * len(corruptions.SEVERITIES))
-  print(f"Estimated wall time on this machine: {duration(est['seconds'])} at --jobs {est['jobs']} "
+  print(f"Estimated wall time on this machine of the {len(todo)} steps not done yet"
+        f"{f' ({len(steps) - len(todo)} done)' if len(todo) < len(steps) else ''}: {duration(est['seconds'])} at "
+        f"--jobs {est['jobs']} "
         f"(training {duration(est['train_seconds'])} + evaluations {duration(est['eval_seconds'])} of step time, "
         f"divided by the parallelism {est['parallelism']:.2f} the reference reached), scaled from "
         f"{plan.shown(reference)}: {est['reference_train_runs']} runs and {est['reference_evals']} evaluations in "

@@ -248,7 +248,7 @@ def test_dry_run_prints_the_real_plan(capsys):
   assert lines[-3].split()[1:] == ["python", "-m", "snapjax.study.serving", "--workdir", "/nonexistent/study/snapshot/s0",
                                    "--out", "/nonexistent/study/serving/serving.json"]
   assert "4680 updates x batch 128 = 599,040 images" in out and "snapshots at 3900, 4212, 4524]" in out
-  assert "Estimated wall time on this machine: " in out and "at --jobs 2" in out
+  assert "Estimated wall time on this machine of the 65 steps not done yet: " in out and "at --jobs 2" in out
   assert not os.path.exists("/nonexistent")
 
 
