@@ -42,7 +42,7 @@ FILE_SECONDS = {
     "test_averaging.py": 103, "test_eval_uncertainty.py": 86, "test_training.py": 75, "test_conv.py": 75,
     "test_accelerator_benchmark.py": 74, "test_members_multihost.py": 73, "test_compilation.py": 72, "test_cli.py": 53,
     "test_cli_workdir.py": 47, "test_smoothout.py": 43, "test_utilisation.py": 38, "test_dispatch.py": 37,
-    "test_study.py": 35, "test_eval_analyses.py": 35, "test_export.py": 30, "test_single_cycle.py": 29,
+    "test_study.py": 125, "test_eval_analyses.py": 35, "test_export.py": 30, "test_single_cycle.py": 29,
     "test_configs.py": 29, "test_weight_space.py": 19, "test_examples.py": 18, "test_models.py": 13,
     "test_lowering.py": 11, "test_analysis.py": 8, "test_ensemble.py": 7, "test_data.py": 6, "test_docstrings.py": 5,
 }

@@ -86,6 +86,8 @@ def is_fresh(out_file: str, workdir: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """The command line: measure, print one line, exit 0; bad flags or a workdir that is not a finished run are a
+  one-line error and exit code 2."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True, help="a finished train.py run")
   p.add_argument("--out", required=True, help="the JSON file to write")
