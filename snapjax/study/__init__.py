@@ -1,7 +1,9 @@
-"""Issue 9's study (scripts/study.py): every Table 1 arm on real Fashion-MNIST, several seeds, one budget.
+"""Issues 9 and 23's study (scripts/study.py): every Table 1 arm and the methods that followed (FGE, SWA, SWAG, a
+distilled student, a deep ensemble) on real Fashion-MNIST, several seeds, one budget.
 
 One job per module, each importing only from the ones above it:
 
+    serving  one network's serving cost (ms per example, weights MB) measured on a finished run: the last step
     plan     the arms, seeds and budget; each training run and evaluation, its command, what it needs, its status
     stats    paired per-seed statistics, the verdicts and their sentences (pure functions of a results dict)
     runner   running one step (train.py / eval.py, or in this process), the state file, the sequential and

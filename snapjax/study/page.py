@@ -1,15 +1,17 @@
-"""The study's page: docs/results/fashion_mnist.md, its JSON and its two figures, from a results dict.
+"""The study's page: docs/results/fashion_mnist.md, its JSON and its figures, from a results dict.
 
 `write_results` summarizes the results (`snapjax.study.stats.summarize`), copies the figure run's figures next to
-the page and writes NAME.json and NAME.md; `render_markdown` is the page itself, section by section.
+the page, draws the calibrated NLL vs ensemble size of every ensemble arm with the deep ensemble's curve
+(NAME_cnll_vs_size.png) and the error vs shift severity of every arm (NAME_shift.png), and writes NAME.json and
+NAME.md; `render_markdown` is the page itself, section by section.
 """
 import json
 import os
 import shutil
 from typing import Any
 
-from snapjax.study.plan import CONFIG_FILE, EVAL_ARMS, LABELS, TRUE_ENSEMBLE_ARM
-from snapjax.study.stats import cycle_check, duration, mean_std, pct, pm, summarize
+from snapjax.study.plan import CONFIG_FILE, DEEP_ENSEMBLE_ARM, LABELS
+from snapjax.study.stats import cycle_check, deep_ensemble_curve, duration, mean_std, pct, pm, summarize
 
 RESULTS_NAME = "fashion_mnist"
 
@@ -28,6 +30,8 @@ def write_results(results: dict[str, Any], results_dir: str, name: str = RESULTS
       else:
         fig[key] = fig.get(key) or "(missing)"
   summary = summarize(results)
+  summary["figures"] = {"cnll_vs_size": plot_cnll_vs_size(summary, os.path.join(results_dir, f"{name}_cnll_vs_size.png")),
+                        "shift": plot_shift(summary, os.path.join(results_dir, f"{name}_shift.png"))}
   with open(os.path.join(results_dir, f"{name}.json"), "w") as f:
     json.dump(summary, f, indent=2)
   with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
@@ -43,12 +47,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
   if summary.get("tiny"):
     lines += ["**Tiny pipeline test** (`--tiny`): generated data and a few updates; the numbers mean nothing.", ""]
   lines += ["## Agreement with the paper", "",
-            "Each line is generated from the per-seed paired differences of test error (arm a - arm b): "
-            "*agrees* when the claim holds in every seed, *disagrees* when the opposite holds in every seed, "
-            "*inconclusive* otherwise (a tie counts against both).", ""]
+            "Each line is generated from the per-seed paired differences of the claim's metric (arm a - arm b; test "
+            "error, or the calibrated NLL for Ashukha et al.'s claims on calibrated uncertainty): *agrees* when the "
+            "claim holds in every seed, *disagrees* when the opposite holds in every seed, *inconclusive* otherwise "
+            "(a tie counts against both). A pooled arm (the true and the deep ensemble: one evaluation over several "
+            "seeds' runs) is one number, subtracted from each seed of the other arm.", ""]
   for c in summary["comparisons"]:
     lines.append(f"- {c['label_a']} vs {c['label_b']} ({c['source']}: {c['claim']}): {c['text']}")
-  for section in (_results_section, _differences_section, _figure_section, _cycle_section, _budget_section,
+  for section in (_results_section, _uncertainty_section, _ood_section, _shift_section, _size_section,
+                  _cost_section, _differences_section, _figure_section, _cycle_section, _budget_section,
                   _wall_section):
     lines += section(summary)
   return "\n".join(lines)
@@ -58,17 +65,18 @@ def _results_section(summary: dict[str, Any]) -> list[str]:
   arms, seeds = summary["arms"], [str(s) for s in summary["seeds"]]
   lines = ["", "## Results", "",
            f"Test error, NLL and ECE (15 bins) on the {summary.get('num_test_examples', 'n/a')} test images, "
-           f"mean ± sample std (ddof = 1) over seeds; each ensemble arm is the ensemble of all its snapshots. "
-           f"Cost: training compute relative to one run of the budget. Train + eval: wall minutes per seed on this "
-           f"machine (the weight averages are computed inside the alpha0 = 0.2 runs' evaluation; the true ensemble's "
-           f"time is its Single runs' and its own evaluation).", "",
-           "| arm | cost | seeds | test error (%) | NLL | ECE (%) | last snapshot error (%) | train + eval (min) |",
-           "|---|---|---|---|---|---|---|---|"]
+           f"mean ± sample std (ddof = 1) over seeds; each ensemble arm is the ensemble of all its snapshots (SWAG: "
+           f"of its posterior samples). Cost: training compute relative to one run of the budget. Train, eval: wall "
+           f"minutes per seed on this machine (the weight averages are computed inside the alpha0 = 0.2 runs' "
+           f"evaluation; the distilled student's training is its teacher's and its own; a pooled arm's training is "
+           f"all its runs', its evaluation its own).", "",
+           "| arm | cost | seeds | test error (%) | NLL | ECE (%) | last snapshot error (%) | train (min) | "
+           "eval (min) |", "|---|---|---|---|---|---|---|---|---|"]
   for name, e in arms.items():
     st = e["stats"]
-    n = "pooled " + ",".join(str(s) for s in e.get("pooled_seeds", [])) if e.get("pooled") else str(st["error"]["n"])
-    lines.append(f"| {e['label']} | {e['cost']} | {n} | {pm(st['error'])} | {pm(st['nll'], 1, 4)} | "
-                 f"{pm(st['ece'])} | {pm(st['last_error'])} | {_minutes(summary, name)} |")
+    train, evals = _minutes(e)
+    lines.append(f"| {e['label']} | {e['cost']} | {_seeds(e)} | {pm(st['error'])} | {pm(st['nll'], 1, 4)} | "
+                 f"{pm(st['ece'])} | {pm(st['last_error'])} | {train} | {evals} |")
   lines += ["", "Per seed, test error (%):", "", "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
             "|---" * (len(seeds) + 1) + "|"]
   for name, e in arms.items():
@@ -79,34 +87,232 @@ def _results_section(summary: dict[str, Any]) -> list[str]:
   return lines
 
 
+def _seeds(entry: dict[str, Any]) -> str:
+  """The seeds column: how many seeds, or the runs a pooled arm is one number over."""
+  if entry.get("pooled"):
+    return "pooled " + ",".join(str(s) for s in entry.get("pooled_seeds", []))
+  return str(entry["stats"]["error"]["n"])
+
+
 def _differences_section(summary: dict[str, Any]) -> list[str]:
   seeds = [str(s) for s in summary["seeds"]]
   lines = ["", "## Paired differences", "",
-           "Arm a - arm b per seed, in points of test error (%); NLL and ECE differences as mean ± std.", "",
-           "| a - b | " + " | ".join(f"seed {s}" for s in seeds) + " | error mean ± std | NLL | ECE (%) | "
-           "verdict |", "|---" * (len(seeds) + 5) + "|"]
+           "Arm a - arm b per seed, in points of the metric the verdict is on (test error in %, or calibrated NLL); "
+           "test error, NLL, calibrated NLL and ECE differences as mean ± std.", "",
+           "| a - b | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | error mean ± std | NLL | "
+           "calibrated NLL | ECE (%) | verdict |", "|---" * (len(seeds) + 7) + "|"]
   for c in summary["comparisons"]:
-    d = c["error"]["per_seed"]
-    cells = [pct(d[s], True) if s in d else "n/a" for s in seeds]
-    lines.append(f"| {c['label_a']} - {c['label_b']} | " + " | ".join(cells) + f" | {pm(c['error'], signed=True)} | "
-                 f"{pm(c['nll'], 1, 4, True)} | {pm(c['ece'], signed=True)} | {c['verdict']} |")
+    metric = c.get("metric", "error")
+    d = c[metric]["per_seed"]
+    one = (lambda v: pct(v, True)) if metric == "error" else (lambda v: f"{v:+.4f}")
+    cells = [one(d[s]) if s in d else "n/a" for s in seeds]
+    lines.append(f"| {c['label_a']} - {c['label_b']} | {metric.replace('_', ' ')} | " + " | ".join(cells) +
+                 f" | {pm(c['error'], signed=True)} | {pm(c['nll'], 1, 4, True)} | "
+                 f"{pm(c['calibrated_nll'], 1, 4, True)} | {pm(c['ece'], signed=True)} | {c['verdict']} |")
   return lines
 
 
-def _minutes(summary: dict[str, Any], arm: str) -> str:
-  """Mean wall minutes per seed of an arm's training and evaluation (the eval-side arms: their source's)."""
-  steps = (summary.get("wall_time") or {}).get("steps") or {}
-  source = "single" if arm == TRUE_ENSEMBLE_ARM else EVAL_ARMS.get(arm, arm)
-  per_seed = {}
-  for key, seconds in steps.items():
-    rest = key.partition("/")[2]
-    if rest.split("/")[0] == source:
-      per_seed[rest.split("/")[-1]] = per_seed.get(rest.split("/")[-1], 0.0) + seconds
-  if arm == TRUE_ENSEMBLE_ARM:  # Three Single runs' training and evaluation, and the ensemble's evaluation.
-    extra = steps.get(f"eval/{TRUE_ENSEMBLE_ARM}")
-    return "n/a" if not per_seed or extra is None else f"{(sum(per_seed.values()) + extra) / 60:.1f}"
-  stats = mean_std([v / 60 for v in per_seed.values()])
-  return pm(stats, 1, 1)
+def _minutes(entry: dict[str, Any]) -> tuple[str, str]:
+  """(training, evaluation) wall minutes of an arm: mean ± std per seed, or a pooled arm's totals."""
+  wall = entry.get("wall") or {}
+  if entry.get("pooled"):
+    return tuple("n/a" if wall.get(k) is None else f"{wall[k] / 60:.1f}" for k in ("train", "eval"))
+  return tuple(pm(mean_std([v / 60 for v in (wall.get(k) or {}).values()]), 1, 1)
+               for k in ("train_per_seed", "eval_per_seed"))
+
+
+def _uncertainty_section(summary: dict[str, Any]) -> list[str]:
+  alpha = summary.get("conformal_alpha", 0.1)
+  lines = ["", "## Calibrated uncertainty (Ashukha et al. 2020's protocol)", "",
+           "Calibrated NLL and ECE after temperature scaling: the temperature T is fitted (NLL) on a random half of the "
+           "test set and the metrics taken on the other half, both ways, over 5 random halvings (eval.py's "
+           "`temperature` ... `test_cv`), on the ensemble's log mean probability. ECE before and Brier: the "
+           "unscaled ensemble. AURC: area under the risk-coverage curve of selective prediction by the max "
+           f"probability (lower is better). Conformal: split-conformal threshold (THR) sets at alpha = {alpha:g} "
+           f"({100 * (1 - alpha):.0f}% coverage asked for), calibrated on half the test set, measured on the other, "
+           "10 splits. DEE: deep-ensemble equivalent, the size of the deep ensemble (below) with the same "
+           "calibrated NLL, linear between sizes (`>N`: better than all N, `<1`: worse than one network). The "
+           "weight-averaged snapshots have none of these (eval.py's uncertainty analyses score the ensemble, not the "
+           "average): n/a.", "",
+           "| arm | calibrated NLL | T | ECE (%) | ECE after TS (%) | Brier | AURC (%) | coverage (%) | set size | "
+           "DEE |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for e in summary["arms"].values():
+    st = e["stats"]
+    bounds = sorted({r.get("dee_bound") for r in (e.get("runs") or {}).values() if r.get("dee_bound")})
+    lines.append(f"| {e['label']} | {pm(st['calibrated_nll'], 1, 4)} | {pm(st['temperature'], 1, 2)} | "
+                 f"{pm(st['ece'])} | {pm(st['ece_ts'])} | {pm(st['brier'], 1, 4)} | {pm(st['aurc'])} | "
+                 f"{pm(st['conformal_coverage'], 100, 1)} | {pm(st['conformal_size'], 1, 2)} | "
+                 f"{pm(st['dee'], 1, 2)}{' (' + ', '.join(bounds) + ')' if bounds else ''} |")
+  return lines
+
+
+def _ood_sets(summary: dict[str, Any]) -> list[str]:
+  return sorted({k[len("auroc_"):] for e in summary["arms"].values() for k, v in e["stats"].items()
+                 if k.startswith("auroc_") and v["n"]})
+
+
+def _ood_section(summary: dict[str, Any]) -> list[str]:
+  sets = _ood_sets(summary)
+  lines = ["", "## Out-of-distribution detection", "",
+           "AUROC (%) of telling the Fashion-MNIST test images from each OOD set by the ensemble's max probability "
+           "(eval.py `--analyses=ood`: scikit-learn's handwritten digits upscaled to 28x28, uniform and Gaussian "
+           "noise images; 50% is chance).", ""]
+  if not sets:
+    return lines + ["Not run.", ""]
+  lines += ["| arm | " + " | ".join(f"AUROC {s.replace('_', ' ')} (%)" for s in sets) + " |",
+            "|---" * (len(sets) + 1) + "|"]
+  for e in summary["arms"].values():
+    lines.append(f"| {e['label']} | " + " | ".join(pm(e["stats"].get(f"auroc_{s}") or mean_std([]))
+                                                  for s in sets) + " |")
+  return lines
+
+
+def _severities(summary: dict[str, Any]) -> list[int]:
+  for e in summary["arms"].values():
+    for r in (e.get("runs") or {}).values():
+      if r.get("shift_severities"):
+        return list(r["shift_severities"])
+  return []
+
+
+def _shift_section(summary: dict[str, Any]) -> list[str]:
+  sev = _severities(summary)
+  examples = next((r["shift_examples"] for e in summary["arms"].values() for r in (e.get("runs") or {}).values()
+                   if r.get("shift_examples")), "n/a")
+  lines = ["", "## Dataset shift", "",
+           f"eval.py `--analyses=shift`: the first {examples} test images under each of snapjax's corruptions "
+           "(snapjax/corruptions.py) at severities 1-5, the metric averaged over the corruptions at each severity; "
+           "clean: the same images uncorrupted. Calibrated NLL under shift: the NLL with the temperature fitted on "
+           "the clean test set (eval.py's `nll_scaled`), Ovadia et al.'s question of whether calibration survives "
+           "the shift.", ""]
+  if not sev:
+    return lines + ["Not run.", ""]
+  fig = (summary.get("figures") or {}).get("shift")
+  if fig:
+    lines += [f"![test error vs shift severity, every arm]({fig})", ""]
+  for title, key, fmt in (("Test error (%)", "shift_error", lambda st: pm(st)),
+                          ("Calibrated NLL", "shift_cnll", lambda st: pm(st, 1, 3))):
+    lines += [f"{title} per severity:", "",
+              "| arm | " + ("clean | " if key == "shift_error" else "") + " | ".join(f"severity {s}" for s in sev) +
+              " |", "|---" * (len(sev) + 1 + (key == "shift_error")) + "|"]
+    for e in summary["arms"].values():
+      curve = e.get("curve_stats", {}).get(key) or []
+      cells = [fmt(curve[i]) if i < len(curve) else "n/a" for i in range(len(sev))]
+      if key == "shift_error":
+        cells.insert(0, pm(e["stats"]["shift_clean_error"]))
+      lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
+    lines.append("")
+  return lines
+
+
+def _size_section(summary: dict[str, Any]) -> list[str]:
+  curve = deep_ensemble_curve(summary)
+  size = summary.get("deep_ensemble_size")
+  lines = ["## Calibrated NLL vs ensemble size", "",
+           "Ashukha et al.'s Fig. 1 at CPU scale: the calibrated NLL of each ensemble arm's last-m ensembles (mean "
+           "over seeds) against the number of networks, with the deep ensemble's curve, the reference of the "
+           "deep-ensemble equivalent.", ""]
+  fig = (summary.get("figures") or {}).get("cnll_vs_size")
+  if fig:
+    lines += [f"![calibrated NLL vs ensemble size]({fig})", ""]
+  if curve:
+    lines += [f"The deep ensemble (the Single runs of seeds 0-{size - 1 if size else len(curve) - 1}, its first k "
+              "runs at size k): " + ", ".join(f"{k + 1}: {v:.4f}" for k, v in enumerate(curve)) + ".", ""]
+  else:
+    lines += ["The deep ensemble has not run: no deep-ensemble equivalents.", ""]
+  return lines
+
+
+def _cost_section(summary: dict[str, Any]) -> list[str]:
+  serve = summary.get("serving")
+  lines = ["## Training and serving cost", ""]
+  if serve:
+    one, ens = serve["single"], serve["ensemble"]
+    lines += [f"Serving: measured once, by the study's last step after every other had finished (`python -m "
+              f"snapjax.study.serving`, in one process), on {serve['workdir']}: its last snapshot alone, {one['ms_per_example']:.4f} ms per example "
+              f"at batch {serve['large_batch']} (median of {serve['repeats']} calls after a warm-up; raw test "
+              f"images from host memory through the fused evaluator, as eval.py scores), {one['weights_mb']:.3f} MB "
+              f"of float32 weights; all its {ens['networks']} snapshots fused, {ens['ms_per_example']:.4f} ms per "
+              f"example ({ens['ms_per_example'] / one['ms_per_example']:.2f}x one network) and "
+              f"{ens['weights_mb']:.3f} MB. Every arm serves ResNet-8s, so an arm's serving cost is **derived**: "
+              f"the networks it serves x the one network's measurement (SWAG serves its posterior samples, the "
+              f"weight average, SWA and the student one network). Load average at the measurement: "
+              f"{', '.join(f'{x:.2f}' for x in serve.get('load_average', []))}.", ""]
+  else:
+    lines += ["Serving: not measured (the study's last step, `serve/network`, has not run).", ""]
+  lines += ["| arm | training cost (x B) | made of | train (min) | networks served | ms/example (derived) | "
+            "weights MB (derived) |", "|---|---|---|---|---|---|---|"]
+  for e in summary["arms"].values():
+    nets = sorted({r.get("networks") for r in (e.get("runs") or {}).values() if r.get("networks")})
+    n = nets[0] if len(nets) == 1 else None
+    ms = mb = "n/a"
+    if serve and n:
+      ms, mb = f"{n * serve['single']['ms_per_example']:.4f}", f"{n * serve['single']['weights_mb']:.3f}"
+    lines.append(f"| {e['label']} | {e['cost']} | {e.get('cost_note', '')} | {_minutes(e)[0]} | "
+                 f"{'/'.join(str(x) for x in nets) or 'n/a'} | {ms} | {mb} |")
+  return lines + [""]
+
+
+def _ensemble_arms(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+  """The arms whose runs are ensembles of several networks, each with its mean last-m calibrated NLL curve."""
+  return [(name, e) for name, e in summary["arms"].items()
+          if name != DEEP_ENSEMBLE_ARM and len(e.get("curve_stats", {}).get("cnll_curve") or []) > 1]
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save(plt, fig, ax, path: str, xlabel: str, ylabel: str) -> str:
+  """Labels, grid and legend (outside, right) of a page figure; writes it to path and returns its file name."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return os.path.basename(path)
+
+
+def plot_cnll_vs_size(summary: dict[str, Any], path: str) -> str | None:
+  """Calibrated NLL vs number of networks of every ensemble arm and the deep ensemble; the file name, or None
+  when there is nothing to draw."""
+  arms, curve = _ensemble_arms(summary), deep_ensemble_curve(summary)
+  if not arms and not curve:
+    return None
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(10, 4.5))
+  if curve:
+    ax.plot(range(1, len(curve) + 1), curve, "k-o", lw=2.5, label=LABELS[DEEP_ENSEMBLE_ARM])
+  for i, (_, e) in enumerate(arms):
+    means = [p["mean"] for p in e["curve_stats"]["cnll_curve"]]
+    ax.plot(range(1, len(means) + 1), means, ".-", color=plt.cm.tab20(i % 20), label=e["label"])
+  from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+  ax.set_xscale("log")  # SWAG's samples reach 30 networks, the snapshot ensembles 3-6.
+  top = max([len(curve or [])] + [len(e["curve_stats"]["cnll_curve"]) for _, e in arms])
+  ax.xaxis.set_major_locator(FixedLocator([t for t in (1, 2, 3, 4, 5, 6, 10, 20, 30, 50, 100) if t <= top]))
+  ax.xaxis.set_minor_locator(NullLocator())
+  ax.xaxis.set_major_formatter(ScalarFormatter())
+  return _save(plt, fig, ax, path, "networks in the ensemble (last m; the deep ensemble: its first k runs)",
+               "calibrated NLL (test-CV temperature)")
+
+
+def plot_shift(summary: dict[str, Any], path: str) -> str | None:
+  """Mean test error vs shift severity (0 = clean) of every arm that ran the shift analysis; the file name or None."""
+  rows = [(e["label"], e["stats"]["shift_clean_error"]["mean"], [p["mean"] for p in e["curve_stats"]["shift_error"]])
+          for e in summary["arms"].values() if (e.get("curve_stats") or {}).get("shift_error")]
+  if not rows:
+    return None
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(10, 4.5))
+  for i, (label, clean, errs) in enumerate(rows):
+    ax.plot(range(len(errs) + 1), [100 * clean, *[100 * x for x in errs]], ".-", color=plt.cm.tab20(i % 20),
+            label=label)
+  return _save(plt, fig, ax, path, "shift severity (0 = clean)", "test error (%), mean over corruptions and seeds")
 
 
 def _figure_section(summary: dict[str, Any]) -> list[str]:
@@ -163,18 +369,35 @@ def _budget_section(summary: dict[str, Any]) -> list[str]:
            f"({b['num_train']} training images), augmentation `{b['augment'] or 'dataset default'}`, "
            f"{b['num_epochs']:g} epochs = {b['total_steps']} updates of batch {b['batch_size']}, SGD with Nesterov "
            f"momentum {b['momentum']} and weight decay {b['weight_decay']:g}. Config: `{CONFIG_FILE}:ARM`.", "",
-           "| arm | schedule | method | alpha0 | cycles / snapshots | snapshot steps | SmoothOut |",
-           "|---|---|---|---|---|---|---|"]
+           "| arm | schedule | method | alpha0 | cycles / snapshots | snapshot steps | SmoothOut | method settings |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, a in b["arms"].items():
     so = (f"a = {a['smoothout_a']:g}, {a['smoothout_noise']}, K = {a['smoothout_chunks']}, "
           f"{a['smoothout_schedule']}" if a["smoothout_a"] else "off")
     lines.append(f"| {LABELS.get(name, name)} | {a['schedule']} | {a['method']} | {a['init_lr']:g} | "
-                 f"{a['num_cycles']} | {', '.join(str(s) for s in a['snapshot_steps'])} | {so} |")
+                 f"{a['num_cycles']} | {', '.join(str(s) for s in a['snapshot_steps'])} | {so} | "
+                 f"{_method_settings(a)} |")
+  size = summary.get("deep_ensemble_size") or "N"
+  seeds = ", ".join(str(s) for s in summary["seeds"])
   lines += ["", "Eval-side arms: the weight-averaged snapshots average the weights of all the snapshots of each "
             "alpha0 = 0.2 run into one network (BatchNorm statistics measured again on training batches; "
             "`eval.py --analyses=weight_average`), the same cost as one run; the true ensemble averages the "
-            "predictions of the independently trained Single runs (`eval.py --workdir` once per seed), 3x the cost "
-            "of one run: the paper's lower bound (Fig. 4). It is one number over all seeds, so it has no spread.", ""]
+            "predictions of the independently trained Single runs of the study's seeds (`eval.py --workdir` once per "
+            "seed): the paper's lower bound (Fig. 4). The deep ensemble (Ashukha et al.'s reference) averages the "
+            f"Single runs of seeds 0-{size - 1 if isinstance(size, int) else 'N-1'}: the study's own seeds' and "
+            "extra Single runs trained for it alone, one eval.py over all of them, so it costs "
+            f"{size}x; its curve at size k is its first k runs. Both ensembles are **reported once** (one "
+            "evaluation, one number: no spread over seeds), and their paired differences subtract that one number "
+            f"from each seed ({seeds}) of the other arm. Ensembles of {size} drawn in a rotation would hold the "
+            f"same {size} runs for every seed, so they would give the same number {len(summary['seeds'])} times, "
+            "not a spread. The distilled student of seed s is taught by the Snapshot Ensemble run of seed s "
+            "(`--config.teacher_workdirs`), after it: 2x the training of one run.", ""]
+  collected = sorted({c for r in (summary["arms"].get("swag", {}).get("runs") or {}).values()
+                      for c in r.get("swag_collected") or []})
+  if collected:
+    rank = b["arms"].get("swag", {}).get("swag_rank", "n/a")
+    lines += [f"SWAG collected {'/'.join(str(c) for c in collected)} iterates per run on this budget (once per epoch "
+              f"from 0.75 B), so its low-rank part has K = min(iterates, rank {rank}) columns.", ""]
   if summary.get("budget_note"):
     lines += ["How the budget was chosen: " + " ".join(summary["budget_note"].split()), ""]
   if summary.get("pilot_note"):
@@ -182,6 +405,23 @@ def _budget_section(summary: dict[str, Any]) -> list[str]:
   if summary.get("smoothout_note"):
     lines += ["SmoothOut settings: " + " ".join(summary["smoothout_note"].split()), ""]
   return lines
+
+
+def _method_settings(a: dict[str, Any]) -> str:
+  """The settings of the methods that followed, as the budget table shows them."""
+  if a["method"] == "fge":
+    return (f"pretraining {a['fge_pretrain_fraction']:g} of B, {a['fge_cycle_epochs']}-epoch cycles "
+            f"{a['fge_lr1']:g} -> {a['fge_lr2']:g} -> {a['fge_lr1']:g}")
+  if a["method"] in ("swa", "swag"):
+    start = "0.75 B" if a["swa_start"] is None else f"epoch {a['swa_start']:g}"
+    every = "once per epoch" if a["swa_every_steps"] is None else f"every {a['swa_every_steps']} updates"
+    return (f"average from {start} at swa_lr {a['swa_lr']:g}, {every}" +
+            (f", rank {a['swag_rank']}" if a["method"] == "swag" else ""))
+  if a["method"] == "distill":
+    last = a["teacher_last_m"] or "all"
+    return (f"teacher: the same seed's Snapshot Ensemble run (first seed: {a['teacher_workdirs']}; {last} "
+            f"snapshots), alpha {a['distill_alpha']:g}, tau {a['distill_tau']:g}")
+  return ""
 
 
 def _wall_section(summary: dict[str, Any]) -> list[str]:

@@ -1,7 +1,7 @@
 """Running the study's plan: one step at a time, or up to --jobs N side by side, and the state file.
 
-A step runs as its own command (`python train.py ...` / `python eval.py ...` in a subprocess, its output appended
-to train.log / eval.log in its workdir or report directory) or, with --in_process, as the same library call in this
+A step runs as its own command (`python train.py ...` / `python eval.py ...` / `python -m snapjax.study.serving ...`
+in a subprocess, its output appended to train.log / eval.log / serve.log in its workdir or report directory) or, with --in_process, as the same library call in this
 process. OUT/study_state.json keeps each finished step's wall time and each invocation's, across invocations.
 SIGTERM/SIGINT stop after the running steps (a train.py run saves its state); re-running resumes.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from snapjax.study import plan
+from snapjax.study import plan, serving
 from snapjax.study.stats import duration
 
 STATE_FILE = "study_state.json"
@@ -125,14 +125,22 @@ class Runner:
   def _in_process(self, step: dict[str, Any]) -> str:
     from snapjax import evaluation, training
     from snapjax.errors import UserError
+    cwd = os.getcwd()
     try:
+      os.chdir(plan.ROOT)  # Where the subprocesses run: a relative teacher workdir is relative to it.
       if step["kind"] == "train":
         result = training.train_and_evaluate(step["config"], step["workdir"])
         return "preempted" if result.preempted else "ok"
-      evaluation.evaluate_runs(step["workdirs"], out_dir=step["out_dir"], analyses=step["analyses"] or None)
+      if step["kind"] == "serve":
+        serving.measure(step["workdir"], step["out_file"])
+        return "ok"
+      evaluation.evaluate_runs(step["workdirs"], out_dir=step["out_dir"], analyses=step["analyses"] or None,
+                               **step["options"])
       return "ok"
     except (UserError, training.TrainingDiverged) as e:
       return f"failed: {' '.join(str(e).split())}"
+    finally:
+      os.chdir(cwd)
 
   def terminate(self, signum, frame) -> None:
     """SIGTERM/SIGINT: pass it to the running train.py processes (which save their state) and stop after them."""
@@ -154,7 +162,7 @@ def run_study(out: str, steps: list[dict[str, Any]], *, jobs: int = 1, in_proces
   todo = [s for s in steps if plan.status(s) != "done"]
   log(f"{len(steps)} steps, {len(steps) - len(todo)} done already, {len(todo)} to run "
       f"({sum(s['kind'] == 'train' for s in todo)} training runs)")
-  durations = {"train": [], "eval": []}
+  durations = {"train": [], "eval": [], "serve": []}
   for s in steps:
     durations[s["kind"]] += [v["seconds"] for k, v in state.data["steps"].items() if k == s["key"]]
   if jobs > 1:
@@ -196,7 +204,7 @@ def record(step: dict[str, Any], seconds: float, outcome: str, runner: Runner, s
   """Logs and records a finished step: 'done', 'stopped' (preempted or asked to stop) or 'failed'."""
   if outcome == "ok":
     state.finished(step["key"], seconds, step["argv"])
-    durations[step["kind"]].append(seconds)
+    durations.setdefault(step["kind"], []).append(seconds)
     log(f"done {step['key']} in {duration(seconds)}")
     return "done"
   state.save()
@@ -216,17 +224,28 @@ def run_parallel(jobs: int, steps: list[dict[str, Any]], state: State, runner: R
   two runs side by side finish sooner than one after the other; each run's own wall time is then longer.
   """
   started, running, failed = set(), {}, []  # running: Popen -> (step, t0)
+  done: set[str] = set()  # Keys known to be done: their reports are not read again at every poll.
+
+  def status(step):
+    st = plan.status(step, done)
+    if st == "done":
+      done.add(step["key"])
+    return st
+
   while True:
     if not runner.stop_requested:
       for step in steps:
         if len(running) >= jobs:
           break
-        if step["key"] in started or plan.status(step) in ("done", "waiting"):
+        if step["key"] in started or status(step) in ("done", "waiting"):
           continue
+        busy = {s["key"] for s, _ in running.values()}
+        if any(n["key"] in busy for n in step.get("needs", [])):
+          continue  # A step it needs is still running (its report or last snapshot may already be written).
         remaining = ([s for s in steps if s["kind"] == "train" and s["key"] not in started],
                      [s for s in steps if s["kind"] == "eval" and s["key"] not in started])
         started.add(step["key"])
-        log(f"run {step['key']} ({'resuming' if plan.status(step) == 'resume' else 'starting'}; "
+        log(f"run {step['key']} ({'resuming' if status(step) == 'resume' else 'starting'}; "
             f"{len(running) + 1} running): {shlex.join(step['argv'])}; ETA of the rest "
             f"{_eta(durations, remaining, jobs)}")
         running[runner.start(step)] = (step, time.monotonic())
@@ -236,7 +255,8 @@ def run_parallel(jobs: int, steps: list[dict[str, Any]], state: State, runner: R
     for child in [c for c in running if c.poll() is not None]:
       step, t0 = running.pop(child)
       outcome = runner.outcome(step, child)
-      record(step, time.monotonic() - t0, outcome, runner, state, durations, failed)
+      if record(step, time.monotonic() - t0, outcome, runner, state, durations, failed) == "done":
+        done.add(step["key"])
   state.save()
   if runner.stop_requested:
     return 3

@@ -1,15 +1,18 @@
 """The study's statistics: per-arm mean +- std over seeds, paired per-seed differences, verdicts and their sentences.
 
 Pure functions of a results dict (`snapjax.study.results.collect_results`; tested on fake ones): `summarize` adds
-each arm's "stats", the "comparisons" (COMPARISONS, each with its verdict and the sentence the page prints) and the
-"cycle_check". Also the number formats the page and the progress lines share (`pct`, `pm`, `duration`).
+each run's deep-ensemble equivalent (`add_dee`: its calibrated NLL on the deep ensemble's curve), each arm's
+"stats" (mean +- std over seeds of every METRICS entry, and per shift severity and ensemble size of the curves),
+the "comparisons" (COMPARISONS, each with its verdict and the sentence the page prints) and the "cycle_check".
+Also the number formats the page and the progress lines share (`pct`, `pm`, `duration`).
 """
 import json
 from typing import Any
 
 import numpy as np
 
-from snapjax.study.plan import LABELS, TRUE_ENSEMBLE_ARM, WEIGHT_AVERAGE_ARM
+from snapjax import uncertainty
+from snapjax.study.plan import DEEP_ENSEMBLE_ARM, DISTILL_ARM, LABELS, TRUE_ENSEMBLE_ARM, WEIGHT_AVERAGE_ARM
 
 # The comparisons the page states, arm a against arm b (test error a - b per seed; the claim is a < b).
 COMPARISONS = (
@@ -27,7 +30,44 @@ COMPARISONS = (
      "claim": "SmoothOut improves generalisation, here of the Snapshot Ensemble"},
     {"a": "snapshot", "b": WEIGHT_AVERAGE_ARM, "source": "inferred from paper Fig. 5 (snapshots in different minima)",
      "claim": "averaging the snapshots' predictions beats averaging their weights"},
+    # The methods that followed (issue 23; the numbers: ../shared/field.md).
+    {"a": "fge", "b": "single", "source": "FGE paper (Garipov et al. 2018), README table", "who": "the FGE paper",
+     "claim": "FGE on one budget has a lower test error than one independently trained model (CIFAR-100 "
+              "PreResNet-164: 80.3% vs 78.4% accuracy)"},
+    {"a": "swa", "b": "single", "source": "SWA paper (Izmailov et al. 2018), Table 1", "who": "the SWA paper",
+     "claim": "SWA has a lower test error than SGD on the same budget (CIFAR-100 PreResNet-164: 78.49% -> 79.77%)"},
+    {"a": DEEP_ENSEMBLE_ARM, "b": "snapshot", "source": "Ashukha et al. 2020, Table 2", "who": "Ashukha et al.",
+     "claim": "a deep ensemble has a lower test error than the Snapshot Ensemble (CIFAR-100 ResNet-110, 100 "
+              "members: 16.97% vs 18.48%)"},
+    {"a": "snapshot", "b": "fge", "source": "Ashukha et al. 2020, Table 2", "who": "Ashukha et al.",
+     "claim": "the Snapshot Ensemble has a lower test error than FGE (CIFAR-100 ResNet-110: 18.48% vs 19.64%)"},
+    {"a": "swag", "b": "single", "source": "Ashukha et al. 2020, Table 2", "who": "Ashukha et al.",
+     "claim": "SWAG has a lower test error than a single model (CIFAR-100 ResNet-110: 20.69% vs 22.66%)"},
+    {"a": DEEP_ENSEMBLE_ARM, "b": "snapshot", "source": "Ashukha et al. 2020, Fig. 1 and Table 3",
+     "who": "Ashukha et al.", "metric": "calibrated_nll",
+     "claim": "a deep ensemble has a lower calibrated NLL than a Snapshot Ensemble of as many members (ImageNet, 5 "
+              "members: 0.823 vs 0.865)"},
+    {"a": "snapshot", "b": "single", "source": "Ashukha et al. 2020, Fig. 1", "who": "Ashukha et al.",
+     "metric": "calibrated_nll",
+     "claim": "the Snapshot Ensemble is worth more than one network: a lower calibrated NLL than the single model "
+              "(ImageNet: deep-ensemble equivalent 2.2 at 5 snapshots)"},
+    {"a": "snapshot", "b": "fge", "source": "Ashukha et al. 2020, Fig. 1", "who": "Ashukha et al.",
+     "metric": "calibrated_nll",
+     "claim": "the Snapshot Ensemble has a lower calibrated NLL than FGE, so a larger deep-ensemble equivalent "
+              "(ImageNet: 4.2 vs 1.5 at 50 members)"},
+    {"a": DISTILL_ARM, "b": "single", "source": "Hinton et al. 2015 (distillation), Section 3", "who": "Hinton et al.",
+     "claim": "a student distilled from an ensemble has a lower test error than the same network trained on the "
+              "labels alone"},
 )
+# Every scalar of a run the page reports; mean +- std over seeds of each. dee: added by `add_dee`.
+METRICS = ("error", "nll", "ece", "last_error", "calibrated_nll", "ece_ts", "brier", "temperature", "aurc",
+           "conformal_coverage", "conformal_size", "auroc_digits", "auroc_uniform_noise", "auroc_gaussian_noise",
+           "shift_clean_error", "dee")
+CURVES = ("cnll_curve", "shift_error", "shift_cnll")  # Lists of a run: per ensemble size, per shift severity.
+PAIRED = ("error", "nll", "ece", "calibrated_nll")  # The paired differences of every comparison.
+# How a comparison's metric is named and printed: (name, value format, unit after the difference).
+METRIC_TEXT = {"error": ("test error", lambda st: pm(st, signed=True), " points"),
+               "calibrated_nll": ("calibrated NLL", lambda st: pm(st, 1, 4, True), "")}
 CYCLIC_ARMS = ("snapshot", "snapshot_lr0.1", "snapshot_smoothout", "single_cycle")
 TIE = 1e-9  # Test errors are counts over the test set: differences this small are float noise, a tie.
 
@@ -102,23 +142,28 @@ def compare(results: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
   """One comparison of the page: per-seed differences of error, NLL and ECE, their mean +- std, the verdict and
   its sentence, generated from the numbers."""
   a, b = spec["a"], spec["b"]
-  out = {**spec, "label_a": LABELS.get(a, a), "label_b": LABELS.get(b, b)}
-  for metric in ("error", "nll", "ece"):
-    diffs = paired(results, a, b, metric)
-    out[metric] = {"per_seed": diffs, **mean_std(list(diffs.values()))}
-  diffs = out["error"]["per_seed"]
+  metric = spec.get("metric", "error")
+  out = {**spec, "metric": metric, "label_a": LABELS.get(a, a), "label_b": LABELS.get(b, b)}
+  for m in PAIRED:
+    diffs = paired(results, a, b, m)
+    out[m] = {"per_seed": diffs, **mean_std(list(diffs.values()))}
+  diffs = out[metric]["per_seed"]
   out["verdict"] = verdict(diffs)
   n, lower = len(diffs), sum(d < -TIE for d in diffs.values())
   ties = sum(abs(d) <= TIE for d in diffs.values())
   if not n:
     out["text"] = f"not run: no seed has both {out['label_a']} and {out['label_b']}."
     return out
-  who = "the paper" if spec["source"].startswith("paper") else "the claim"
+  who = spec.get("who") or ("the paper" if spec["source"].startswith("paper") else "the claim")
   word = {"agrees": f"agrees with {who}", "disagrees": f"disagrees with {who}",
           "inconclusive": "inconclusive: the seeds disagree"}[out["verdict"]]
-  per_seed = ", ".join(f"seed {s}: {pct(d, True)}" for s, d in diffs.items())
-  text = (f"**{word}**. {out['label_a']} had the lower test error in {lower} of {n} seed{'s' if n > 1 else ''}"
-          f"{f' ({ties} tied)' if ties else ''}: a - b = {pm(out['error'], signed=True)} points ({per_seed}).")
+  name, fmt, unit = METRIC_TEXT[metric]
+  one = (lambda d: pct(d, True)) if metric == "error" else (lambda d: f"{d:+.4f}")
+  per_seed = ", ".join(f"seed {s}: {one(d)}" for s, d in diffs.items())
+  text = (f"**{word}**. {out['label_a']} had the lower {name} in {lower} of {n} seed{'s' if n > 1 else ''}"
+          f"{f' ({ties} tied)' if ties else ''}: a - b = {fmt(out[metric])}{unit} ({per_seed}).")
+  if metric == "calibrated_nll":
+    text += " " + _dee_text(results, a, b)
   if n < 2:
     text += " One seed only: no spread, no conclusion."
   if spec.get("approach"):
@@ -150,6 +195,45 @@ def _approach_text(results: dict[str, Any], se: str, true_ens: str) -> str:
           f"Single).")
 
 
+def _dee_text(results: dict[str, Any], a: str, b: str) -> str:
+  """The two arms' deep-ensemble equivalents, mean +- std over seeds."""
+  parts = []
+  for arm in (a, b):
+    runs = list((results["arms"].get(arm, {}).get("runs") or {}).values())
+    stats = mean_std([r.get("dee") for r in runs])
+    bounds = ", ".join(sorted({r.get("dee_bound") for r in runs if r.get("dee_bound")}))
+    parts.append(f"{LABELS.get(arm, arm)} {pm(stats, 1, 2)}" + (f" (outside the curve, {bounds}, in some seeds)"
+                                                                if bounds else ""))
+  return f"Deep-ensemble equivalents: {'; '.join(parts)}."
+
+
+def deep_ensemble_curve(results: dict[str, Any]) -> list[float] | None:
+  """The deep ensemble's calibrated NLL at sizes 1..N (its first k runs), or None when it has not run."""
+  runs = (results["arms"].get(DEEP_ENSEMBLE_ARM) or {}).get("runs") or {}
+  curve = next(iter(runs.values()), {}).get("dee_curve")
+  return list(curve) if curve else None
+
+
+def add_dee(results: dict[str, Any]) -> None:
+  """Each run's deep-ensemble equivalent (in place): the size of the deep ensemble with its calibrated NLL,
+  linear between sizes (`snapjax.uncertainty.deep_ensemble_equivalent`; "dee_bound" "<1" or ">N" outside)."""
+  curve = deep_ensemble_curve(results)
+  for entry in results["arms"].values():
+    for run in (entry.get("runs") or {}).values():
+      if curve and run.get("calibrated_nll") is not None:
+        run["dee"], run["dee_bound"] = uncertainty.deep_ensemble_equivalent(curve, run["calibrated_nll"])
+      else:
+        run["dee"], run["dee_bound"] = None, None
+
+
+def curve_stats(runs: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+  """mean +- std over runs at each point of a list-valued metric (as far as every run that has it reaches)."""
+  lists = [r[key] for r in runs if r.get(key)]
+  if not lists:
+    return []
+  return [mean_std([l[i] for l in lists]) for i in range(min(len(l) for l in lists))]
+
+
 def cycle_check(summary: dict[str, Any]) -> list[dict[str, Any]]:
   """Per cyclic arm: the mean test error of snapshot i over seeds, in how many seeds the last snapshot is the best
   single one, and in how many the ensemble beats its best single snapshot (the paper's regime needs converged
@@ -170,10 +254,80 @@ def cycle_check(summary: dict[str, Any]) -> list[dict[str, Any]]:
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
   """The results with each arm's mean +- std over seeds ("stats") and the comparisons, as written to the JSON."""
   out = json.loads(json.dumps(results))
+  add_dee(out)
   for entry in out["arms"].values():
     runs = list((entry.get("runs") or {}).values())
-    entry["stats"] = {m: mean_std([r.get(m) for r in runs]) for m in ("error", "nll", "ece", "last_error")}
+    found = sorted({k for r in runs for k in r if k.startswith("auroc_") and k not in METRICS})
+    entry["stats"] = {m: mean_std([r.get(m) for r in runs]) for m in (*METRICS, *found)}
+    entry["curve_stats"] = {k: curve_stats(runs, k) for k in CURVES}
   out["cycle_check"] = cycle_check(out)
   out["comparisons"] = [compare(out, spec) for spec in COMPARISONS
                         if spec["a"] in out["arms"] or spec["b"] in out["arms"]]
   return out
+
+
+# The wall-time estimate of a plan (scripts/study.py --dry_run) from a finished study's JSON (the reference).
+FORWARD_FRACTION = 1 / 3  # A network's eval-mode forward pass as a fraction of its training step (forward + backward).
+DIGITS_IMAGES = 1797  # scikit-learn's digits, the OOD set beside the noise sets (snapjax/ood_data.py).
+
+
+def _ref_images(run: dict[str, Any], num_test: int, ood_images: int, cells: int) -> int:
+  """Images each network of a reference evaluation scored: the test set, and the OOD and shift sets if it ran them."""
+  ood = ood_images if any(k.startswith("auroc_") for k in run) else 0
+  return num_test + ood + (run["shift_examples"] * (cells + 1) if run.get("shift_examples") else 0)
+
+
+def estimate_wall(steps: list[dict[str, Any]], reference: dict[str, Any], *, num_test: int, ood_images: int,
+                  shift_cells: int) -> dict[str, Any]:
+  """The plan's wall time, scaled from a finished study's measured step times (its JSON's "wall_time").
+
+  Training: the reference runs' median seconds per update (the median leaves out runs that were resumed or shared
+  with other work) x each run's updates; a distill student's update also runs its teacher's snapshots forward,
+  FORWARD_FRACTION of a training step each. Evaluation: a least-squares fit of the reference evaluations' seconds
+  to a + b x (networks x images each network scored), applied to each evaluation's networks (SWAG: its samples, and
+  the training batches on which each sample's BatchNorm statistics are measured) x images (the test set, the OOD
+  sets, the shift cells and their clean pass). The steps' sum is divided by the reference's parallelism (its summed
+  step times over its wall time: the same --jobs on the same machine). Not counted: the analyses' own NumPy time
+  (temperature fits, conformal splits) beyond the reference's, and the serving measurement (seconds).
+  """
+  wall = reference["wall_time"]
+  ref_steps = wall["steps"]
+  updates = reference["budget"]["total_steps"]
+  per_update = float(np.median([v / updates for k, v in ref_steps.items() if k.startswith("train/")]))
+  xs, ys = [], []
+  for key, seconds in ref_steps.items():
+    parts = key.split("/")
+    if parts[0] != "eval":
+      continue
+    arm = parts[1]
+    entry = reference["arms"].get(arm) or {}
+    run = (entry.get("runs") or {}).get("pooled" if len(parts) == 2 else parts[2][1:])
+    if not run:
+      continue
+    n = run.get("networks") or run.get("num_snapshots") or len(entry.get("pooled_seeds") or []) or 1
+    xs.append(n * _ref_images(run, reference["num_test_examples"], ood_images, shift_cells))
+    ys.append(seconds)
+  b, a = np.polyfit(xs, ys, 1) if len(set(xs)) > 1 else (float(np.mean(ys)) / max(np.mean(xs), 1), 0.0)
+  train = evals = 0.0
+  for s in steps:
+    if s["kind"] == "train":
+      factor = 1.0
+      if s["arm"] == "distill":
+        teacher = s["needs"][0]
+        factor += FORWARD_FRACTION * len(teacher["plan"].snapshot_steps)
+      train += s["plan"].total_steps * per_update * factor
+    elif s["kind"] == "eval":
+      networks, bn_images = 0, 0
+      for t in s["needs"]:
+        k = len(t["plan"].snapshot_steps)
+        if t["config"].method == "swag":
+          k = s["options"]["swag_samples"]
+          bn_images += k * t["config"].swa_bn_batches * t["config"].batch_size
+        networks += k
+      images = num_test + ood_images + s["options"]["shift_examples"] * (shift_cells + 1)
+      evals += a + b * (networks * images + bn_images)
+  parallel = sum(ref_steps.values()) / wall["seconds"]
+  return {"train_seconds": train, "eval_seconds": evals, "parallelism": parallel, "jobs": wall.get("jobs", 1),
+          "seconds": (train + evals) / parallel, "per_update": per_update, "eval_fit": [float(a), float(b)],
+          "reference_seconds": wall["seconds"], "reference_train_runs": wall["train_runs"],
+          "reference_evals": wall["evals"]}
