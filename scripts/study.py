@@ -113,7 +113,8 @@ def print_plan(steps: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"{plan.shown(reference)}: {est['reference_train_runs']} runs and {est['reference_evals']} evaluations in "
         f"{duration(est['reference_seconds'])}, {est['per_update']:.3f} s per update (median), evaluations "
         f"{est['eval_fit'][0]:.1f} s + {1e6 * est['eval_fit'][1]:.2f} s per million network-images; a distill "
-        f"update costs 1 + {stats.FORWARD_FRACTION:.2f} x its teacher's snapshots.")
+        f"student adds {stats.FORWARD_FRACTION:.2f} of a step per teacher snapshot and image (once per training "
+        f"image without augmentation, on every batch with it).")
 
 
 def main(argv: list[str] | None = None) -> int:

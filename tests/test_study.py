@@ -255,10 +255,11 @@ def test_dry_run_prints_the_real_plan(capsys):
 def test_the_wall_time_estimate_scales_the_reference():
   from types import SimpleNamespace as NS
 
-  def train(arm, updates, snapshots, method="snapshot", needs=()):
-    return {"kind": "train", "arm": arm, "needs": list(needs), "config": NS(method=method, swa_bn_batches=3,
-                                                                           batch_size=10),
-            "plan": NS(total_steps=updates, snapshot_steps=list(range(snapshots)))}
+  def train(arm, updates, snapshots, method="snapshot", needs=(), augment="none"):
+    return {"kind": "train", "arm": arm, "needs": list(needs),
+            "config": NS(method=method, swa_bn_batches=3, batch_size=10, augment=augment, dataset="fashion_mnist",
+                         distill_soft_labels="auto"),
+            "plan": NS(total_steps=updates, steps_per_epoch=10, snapshot_steps=list(range(snapshots)))}
 
   # The reference: two runs of 100 updates (10 s and 30 s: median 0.2 s/update), two evaluations of 1 and 5
   # networks on 50 test images (no OOD, no shift): 2 s and 6 s, so a = 1 s, b = 1 s / 50 network-images.
@@ -268,13 +269,15 @@ def test_the_wall_time_estimate_scales_the_reference():
          "budget": {"total_steps": 100}, "num_test_examples": 50,
          "arms": {"single": {"runs": {"0": {"num_snapshots": 1}}}, "snapshot": {"runs": {"0": {"num_snapshots": 5}}}}}
   se = train("snapshot", 200, 4)
-  steps = [se, train("distill", 100, 1, "distill", [se]), train("swag", 100, 1, "swag"),
+  steps = [se, train("distill", 100, 1, "distill", [se]), train("distill", 100, 1, "distill", [se], "crop_flip"),
+           train("swag", 100, 1, "swag"),
            {"kind": "eval", "needs": [se], "options": {"shift_examples": 2}},
            {"kind": "eval", "needs": [train("swag", 100, 1, "swag")], "options": {"shift_examples": 2, "swag_samples": 3}},
            {"kind": "serve", "needs": []}]
   est = stats_lib.estimate_wall(steps, ref, num_test=50, ood_images=8, shift_cells=4)
   per_update = np.median([10 / 100, 30 / 100])
-  train_s = per_update * (200 + 100 * (1 + 4 / 3) + 100)
+  # The students: soft labels before training (4 snapshots x one 10-update epoch), then the teacher in the step.
+  train_s = per_update * (200 + 100 * (1 + 4 / 3 * 10 / 100) + 100 * (1 + 4 / 3) + 100)
   images = 50 + 8 + 2 * 5  # Test set, OOD sets, 4 shift cells and the clean pass of 2 images.
   b, a = np.polyfit([50, 250], [2.0, 6.0], 1)
   eval_s = (a + b * 4 * images) + (a + b * (3 * images + 3 * 3 * 10))  # SWAG: 3 samples, BatchNorm batches each.

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from snapjax import uncertainty
+from snapjax import data, uncertainty
 from snapjax.study.plan import DEEP_ENSEMBLE_ARM, DISTILL_ARM, LABELS, TRUE_ENSEMBLE_ARM, WEIGHT_AVERAGE_ARM
 
 # The comparisons the page states, arm a against arm b (test error a - b per seed; the claim is a < b).
@@ -282,8 +282,9 @@ def estimate_wall(steps: list[dict[str, Any]], reference: dict[str, Any], *, num
   """The plan's wall time, scaled from a finished study's measured step times (its JSON's "wall_time").
 
   Training: the reference runs' median seconds per update (the median leaves out runs that were resumed or shared
-  with other work) x each run's updates; a distill student's update also runs its teacher's snapshots forward,
-  FORWARD_FRACTION of a training step each. Evaluation: a least-squares fit of the reference evaluations' seconds
+  with other work) x each run's updates; a distill student also runs its teacher's snapshots forward,
+  FORWARD_FRACTION of a training step each: on every batch when the teacher runs in the step, once per training
+  image (one epoch's worth) when its soft labels are computed before training (no augmentation, the study's). Evaluation: a least-squares fit of the reference evaluations' seconds
   to a + b x (networks x images each network scored), applied to each evaluation's networks (SWAG: its samples, and
   the training batches on which each sample's BatchNorm statistics are measured) x images (the test set, the OOD
   sets, the shift cells and their clean pass). The steps' sum is divided by the reference's parallelism (its summed
@@ -312,9 +313,11 @@ def estimate_wall(steps: list[dict[str, Any]], reference: dict[str, Any], *, num
   for s in steps:
     if s["kind"] == "train":
       factor = 1.0
-      if s["arm"] == "distill":
-        teacher = s["needs"][0]
-        factor += FORWARD_FRACTION * len(teacher["plan"].snapshot_steps)
+      if s["arm"] == "distill":  # The teacher's snapshots forward: on every batch, or once per image before.
+        snapshots = len(s["needs"][0]["plan"].snapshot_steps)
+        c = s["config"]
+        once = c.distill_soft_labels == "auto" and (c.augment or data.DATASETS[c.dataset].augment) == "none"
+        factor += FORWARD_FRACTION * snapshots * (s["plan"].steps_per_epoch / s["plan"].total_steps if once else 1)
       train += s["plan"].total_steps * per_update * factor
     elif s["kind"] == "eval":
       networks, bn_images = 0, 0
