@@ -123,6 +123,7 @@ class KMembers:
   def take_snapshots(self, state: PyTree, i: int) -> list[dict[str, Any]]:
     """Score (if the config says so) and save the snapshots due after loop step i; their scores, per member."""
     run, mp, scores = self.run, self.mp, []
+    jax.block_until_ready(state)  # As the one-member trainee's: nothing new compiles beside a gathering all-reduce.
     for step, js in mp.snapshots_at(i).items():
       variables, meta, extra = self._snapshot(state, step, js)
       if run.settings.eval_snapshots:

@@ -80,6 +80,9 @@ class OneMember:
   def take_snapshots(self, state: PyTree, step: int) -> list[dict[str, Any]]:
     """Score the snapshot of this step (if the config says so) and save it with its score in its metadata."""
     run = self.run
+    # The dispatched updates finish first: new programs (the snapshot's eager ops, its scoring) are compiled and run
+    # on an idle XLA:CPU thread pool, never beside an update whose cross-device all-reduce is still gathering.
+    jax.block_until_ready(state)
     variables, extra = self._snapshot_variables(state)
     meta = run.snapshot_meta(step)
     scores = []
