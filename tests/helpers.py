@@ -106,17 +106,12 @@ def launch(argvs: list[list[str]], env: dict[str, str], log_dir: str, timeout: f
 
   Returns (pids, outputs); fails with the failing process's log tail unless every one exits 0.
   """
-  import signal
-  import subprocess
-  import sys
   import time
   procs, logs, killed = [], [], set()
   try:
     for i, argv in enumerate(argvs):
-      log = open(os.path.join(log_dir, f"proc{i}.log"), "w+")
-      logs.append(log)
-      procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True))
+      logs.append(os.path.join(log_dir, f"proc{i}.log"))
+      procs.append(spawn(argv, env, logs[-1]))
     deadline = time.monotonic() + timeout
     while any(p.poll() is None for p in procs):
       if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
@@ -126,14 +121,13 @@ def launch(argvs: list[list[str]], env: dict[str, str], log_dir: str, timeout: f
   finally:
     for i, p in enumerate(procs):
       if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
+        p.kill()
         killed.add(i)
       p.wait()
   outputs = []
   for log in logs:
-    log.seek(0)
-    outputs.append(log.read())
-    log.close()
+    with open(log, errors="replace") as f:
+      outputs.append(f.read())
   failed = [i for i, p in enumerate(procs) if p.returncode != 0]
   # The processes that failed by themselves first (the others were killed because of them), then the killed.
   failed.sort(key=lambda i: i in killed)
@@ -153,53 +147,79 @@ def snapshot_arrays(workdir: str) -> dict:
   return {m.step: jax.tree.map(np.asarray, m.variables) for m in evaluation.restore_members([workdir], exp)}
 
 
-# A fresh `python train.py ...` spends ~3 s (and ~10 s on a loaded 2-core machine) importing JAX, Flax, optax and
-# orbax before it reads its flags; the usage-error tests run dozens of them. run_python forks each command from one
-# process per environment that has imported those already (and never started a JAX backend, so each child starts
-# its own with the environment's XLA_FLAGS): the same script, flags, environment, working directory and exit code.
-_SERVER = r'''
-import json, os, runpy, sys
+# A fresh `python train.py ...` spends ~3 s of CPU (and ~10 s of wall time on a loaded 2-core machine) importing JAX,
+# Flax, optax and orbax before it reads its flags; the tests start well over a hundred such processes. `spawn` forks
+# each command from one process per environment that has imported those already (and never started a JAX backend,
+# so each child starts its own with the environment's XLA_FLAGS): the same script, flags, environment, working
+# directory and exit code as `python ARGV`, several at once (the multi-host and fault tests), each in its own session
+# (its pid is its process group: os.killpg(pid, ...) reaches it and its children).
+_SERVER = r"""
+import json, os, runpy, select, sys
 import jax, flax.linen, optax, orbax.checkpoint, ml_collections, absl.app, absl.flags, absl.logging, matplotlib
 import snapjax, snapjax.cli, snapjax.config
 out = os.fdopen(os.dup(1), "w", buffering=1)
-for line in sys.stdin:
-  req = json.loads(line)
-  sys.stdout.flush(); sys.stderr.flush()
-  pid = os.fork()
-  if pid == 0:  # The child: this request's command, then a normal interpreter exit (atexit, threads joined).
-    os.setsid()
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
-      os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-    os.chdir(req["cwd"])
-    os.environ.clear()
-    os.environ.update(req["env"])
-    argv = list(req["argv"])
-    if argv[0] == "-c":  # python -c CODE ARGS: sys.argv is ["-c", *ARGS], as Python makes it.
-      sys.argv, sys.path[0] = ["-c", *argv[2:]], ""
-      main = lambda: exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
-    else:
-      sys.argv, sys.path[0] = argv, os.path.dirname(os.path.abspath(argv[0]))
-      main = lambda: runpy.run_path(argv[0], run_name="__main__")
-    del line, req, out
-    main()
-    sys.exit(0)  # Out of the request loop: the interpreter exits as `python script` would.
-  out.write(json.dumps({"pid": pid}) + "\n")
-  _, status = os.waitpid(pid, 0)
-  out.write(json.dumps({"code": os.waitstatus_to_exitcode(status)}) + "\n")
-'''
+inp, buf, children = sys.stdin.buffer.raw, b"", set()
+while True:
+  if children:  # Reap the finished children; each exit code is one reply line.
+    while True:
+      try:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+      except ChildProcessError:
+        break
+      if pid == 0:
+        break
+      children.discard(pid)
+      out.write(json.dumps({"pid": pid, "code": os.waitstatus_to_exitcode(status)}) + "\n")
+  if not select.select([inp], [], [], 0.02 if children else None)[0]:
+    continue
+  chunk = os.read(inp.fileno(), 65536)
+  if not chunk:
+    break  # The tests' process is gone: so is this one (its children live on in their own sessions).
+  buf += chunk
+  while b"\n" in buf:
+    line, buf = buf.split(b"\n", 1)
+    req = json.loads(line)
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # The child: this request's command, then a normal interpreter exit (atexit, threads joined).
+      os.setsid()
+      os.close(inp.fileno())
+      os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+      for fd, path in ((1, req["stdout"]), (2, req["stderr"])):  # The same path twice: one file, both streams.
+        if fd == 2 and path == req["stdout"]:
+          os.dup2(1, 2)
+        else:
+          os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | (0 if path.endswith(".fifo") else os.O_TRUNC), 0o644), fd)
+      os.chdir(req["cwd"])
+      os.environ.clear()
+      os.environ.update(req["env"])
+      argv = list(req["argv"])
+      if argv[0] == "-c":  # python -c CODE ARGS: sys.argv is ["-c", *ARGS], as Python makes it.
+        sys.argv, sys.path[0] = ["-c", *argv[2:]], ""
+        main = lambda: exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+      else:
+        sys.argv, sys.path[0] = argv, os.path.dirname(os.path.abspath(argv[0]))
+        main = lambda: runpy.run_path(argv[0], run_name="__main__")
+      del line, req, out, buf, children
+      main()
+      sys.exit(0)  # Out of the request loop: the interpreter exits as `python script` would.
+    children.add(pid)
+    out.write(json.dumps({"pid": pid}) + "\n")
+"""
 _servers: dict = {}
+# Variables a child reads only after it starts (the workers' and fault runners' own): not part of a server's key.
+_CHILD_ONLY_ENV = ("PYTEST_", "SNAPJAX_WORKER_", "SNAPJAX_FAULT")
 
 
 class _Server:
-  """One preloaded Python and the unread bytes of its replies (read from the raw pipe, so select() sees them all)."""
+  """One preloaded Python, its replies (read from the raw pipe, so select() sees them all) and its children's codes."""
 
   def __init__(self, env: dict[str, str]):
     import subprocess
     import sys
     self.proc = subprocess.Popen([sys.executable, "-c", _SERVER], cwd=ROOT, env=env, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, bufsize=0)
-    self.buffer = b""
+    self.buffer, self.codes = b"", {}
 
   def reply(self, timeout: float | None = None) -> dict | None:
     """The next reply line as a dict, or None past the timeout (seconds; None waits for ever)."""
@@ -218,31 +238,126 @@ class _Server:
     line, self.buffer = self.buffer.split(b"\n", 1)
     return json.loads(line)
 
+  def start(self, request: dict) -> int:
+    import json
+    self.proc.stdin.write((json.dumps(request) + "\n").encode())
+    self.proc.stdin.flush()
+    while True:
+      r = self.reply()
+      if "code" in r:
+        self.codes[r["pid"]] = r["code"]
+      else:
+        return r["pid"]
+
+  def code(self, pid: int, timeout: float | None) -> int | None:
+    """pid's exit code, waiting up to timeout seconds (0: just look), or None if it is still running."""
+    import time
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pid not in self.codes:
+      left = None if deadline is None else max(0.0, deadline - time.monotonic())
+      r = self.reply(left)
+      if r is None:
+        return None
+      self.codes[r["pid"]] = r["code"]
+    return self.codes[pid]
+
+
+def _server(env: dict[str, str]) -> "_Server":
+  key = tuple(sorted((k, v) for k, v in env.items() if not k.startswith(_CHILD_ONLY_ENV)))
+  server = _servers.get(key)
+  if server is None or server.proc.poll() is not None:
+    server = _servers[key] = _Server({k: v for k, v in env.items() if not k.startswith(_CHILD_ONLY_ENV)})
+  return server
+
+
+class Spawned:
+  """`python ARGV` forked from the preloaded Python of its environment: the subprocess.Popen methods the tests use
+  (pid, args, returncode, poll, wait, send_signal, kill). Its stdout and stderr go to files (one file when both paths
+  are the same; a path ending in .fifo is a named pipe the caller reads)."""
+
+  def __init__(self, argv: list[str], env: dict[str, str], stdout: str, stderr: str, cwd: str = ROOT):
+    import sys
+    self.args = [sys.executable, *argv]
+    self._server = _server(env)
+    self.pid = self._server.start({"argv": list(argv), "cwd": cwd, "env": env, "stdout": stdout, "stderr": stderr})
+    self.returncode = None
+
+  def poll(self) -> int | None:
+    if self.returncode is None:
+      self.returncode = self._server.code(self.pid, 0)
+    return self.returncode
+
+  def wait(self, timeout: float | None = None) -> int:
+    import subprocess
+    if self.returncode is None:
+      self.returncode = self._server.code(self.pid, timeout)
+      if self.returncode is None:
+        raise subprocess.TimeoutExpired(self.args, timeout)
+    return self.returncode
+
+  def send_signal(self, sig: int) -> None:
+    if self.poll() is None:
+      try:
+        os.kill(self.pid, sig)
+      except ProcessLookupError:
+        pass
+
+  def kill(self) -> None:
+    """SIGKILL to its whole process group (it and whatever it started)."""
+    import signal
+    if self.poll() is None:
+      try:
+        os.killpg(self.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+
+
+def spawn(argv: list[str], env: dict[str, str], log: str, cwd: str = ROOT) -> Spawned:
+  """Starts `python ARGV` (Spawned), its stdout and stderr together in the file `log`."""
+  return Spawned(argv, env, log, log, cwd)
+
+
+def spawn_reading(argv: list[str], env: dict[str, str], cwd: str = ROOT) -> Spawned:
+  """spawn with stdout and stderr through a named pipe that a thread reads: `.lines` grows as the child prints
+  (each line without its newline), and the `.reader` thread ends when the child and its children have closed it."""
+  import shutil
+  import tempfile
+  import threading
+  tmp = tempfile.mkdtemp()
+  fifo = os.path.join(tmp, "out.fifo")
+  os.mkfifo(fifo)
+  child = Spawned(argv, env, fifo, fifo, cwd)
+  stream = open(fifo, errors="replace")  # Returns once the child has opened its end.
+  child.lines = []
+
+  def read():
+    with stream:
+      for line in stream:
+        child.lines.append(line.rstrip("\n"))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+  child.reader = threading.Thread(target=read, daemon=True)
+  child.reader.start()
+  return child
+
 
 def run_python(argv: list[str], env: dict[str, str], timeout: float, cwd: str = ROOT):
   """subprocess.run([python, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout), forked from
   a preloaded Python for this env (started on first use; later calls with the same env reuse it)."""
-  import json
-  import signal
   import subprocess
   import sys
   import tempfile
-  key = tuple(sorted((k, v) for k, v in env.items() if not k.startswith("PYTEST_")))  # Not the test's own name.
-  server = _servers.get(key)
-  if server is None or server.proc.poll() is not None:
-    server = _servers[key] = _Server(env)
   with tempfile.TemporaryDirectory() as tmp:
     paths = {"stdout": os.path.join(tmp, "out"), "stderr": os.path.join(tmp, "err")}
-    server.proc.stdin.write((json.dumps({"argv": list(argv), "cwd": cwd, "env": env, **paths}) + "\n").encode())
-    server.proc.stdin.flush()
-    pid = server.reply()["pid"]
-    done = server.reply(timeout)
-    if done is None:
-      os.killpg(pid, signal.SIGKILL)
-      server.reply()
-      raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
+    child = Spawned(argv, env, paths["stdout"], paths["stderr"], cwd)
+    try:
+      code = child.wait(timeout)
+    except subprocess.TimeoutExpired:
+      child.kill()
+      child.wait()
+      raise
     texts = {}
     for name, path in paths.items():
       with open(path, errors="replace") as f:
         texts[name] = f.read()
-  return subprocess.CompletedProcess([sys.executable, *argv], done["code"], texts["stdout"], texts["stderr"])
+  return subprocess.CompletedProcess([sys.executable, *argv], code, texts["stdout"], texts["stderr"])

@@ -1,11 +1,10 @@
 """benchmarks/accelerator.py (issue 24): --smoke runs every row kind on CPU; the table and JSON hold finite numbers."""
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
+import helpers
 from helpers import ROOT, subprocess_env
 
 KINDS = {"train", "dispatch", "members", "ensemble", "export"}
@@ -14,8 +13,8 @@ KINDS = {"train", "dispatch", "members", "ensemble", "export"}
 @pytest.mark.slow
 def test_smoke_runs_every_row_and_writes_the_table(tmp_path):
   out = tmp_path / "accelerator.json"
-  proc = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--smoke", "--json", str(out)], cwd=ROOT,
-                        env=subprocess_env(4), capture_output=True, text=True, timeout=600)
+  proc = helpers.run_python(["benchmarks/accelerator.py", "--smoke", "--json", str(out)], subprocess_env(4), 600,
+                            cwd=ROOT)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   doc = json.loads(out.read_text())
   assert doc["command"] == f"python benchmarks/accelerator.py --smoke --json {out}"

@@ -2,8 +2,6 @@
 import os
 import pickle
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -67,8 +65,7 @@ def test_snapshot_saved_on_2_devices_restores_on_1_with_readmes_line(tmp_path):
       with open({out!r}, "wb") as f:
         pickle.dump(arrays, f)  # Not npz: it loses bfloat16.
   """)
-  proc = subprocess.run([sys.executable, "-c", script], cwd=helpers.ROOT, env=helpers.subprocess_env(1),
-                        capture_output=True, text=True, timeout=120)
+  proc = helpers.run_python(["-c", script], helpers.subprocess_env(1), 120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out, "rb") as f:
     restored = pickle.load(f)

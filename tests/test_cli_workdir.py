@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -71,10 +70,8 @@ class _LiveRun:
   """train.py in the background, its output collected line by line."""
 
   def __init__(self, args):
-    self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=helpers.subprocess_env(4),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    self.lines = []
-    threading.Thread(target=lambda: self.lines.extend(l.rstrip() for l in self.proc.stdout), daemon=True).start()
+    self.proc = helpers.spawn_reading(list(args), helpers.subprocess_env(4))  # Forked from a preloaded Python.
+    self.lines = self.proc.lines
 
   def wait_for(self, done, what: str):
     deadline = time.monotonic() + TIMEOUT

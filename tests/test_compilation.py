@@ -2,8 +2,6 @@
 import ast
 import glob
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -73,8 +71,7 @@ def _train_py(tiny_data, workdir, *flags):
          if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # Cache every program, however fast this machine is.
   argv = helpers.train_argv("train.py", tiny_data, workdir, {"num_epochs": 0.125, "eval_snapshots": False}, *flags)
-  proc = subprocess.run([sys.executable, *argv], cwd=helpers.ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = helpers.run_python(argv, env, 300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stderr
 
@@ -97,8 +94,7 @@ def test_compilation_cache_dir_that_cannot_be_made_is_one_line(tiny_data, tmp_pa
   blocker.write_text("not a directory")
   argv = helpers.train_argv("train.py", tiny_data, str(tmp_path / "run"), None,
                             f"--compilation_cache_dir={blocker}/cache")
-  proc = subprocess.run([sys.executable, *argv], cwd=helpers.ROOT, env=helpers.subprocess_env(4), capture_output=True,
-                        text=True, timeout=300)
+  proc = helpers.run_python(argv, helpers.subprocess_env(4), 300)
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2 and lines[-1].startswith(f"error: --compilation_cache_dir={blocker}/cache: cannot create"), \
       proc.stderr[-2000:]

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import jax
@@ -121,16 +120,9 @@ class _Run:
     program = [runner] if fault else ["train.py"]
     self.cmd = [sys.executable, *program, "--config", "tests/configs/tiny.py",
                 f"--config.fashion_mnist_dir={data_dir}", "--config.log_every_steps=1", "--workdir", workdir]
-    self.lines = []
     self.t0 = time.time()
-    self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, bufsize=1)
-    self._reader = threading.Thread(target=self._read, daemon=True)
-    self._reader.start()
-
-  def _read(self):
-    for line in self.proc.stdout:
-      self.lines.append(line.rstrip("\n"))
+    self.proc = helpers.spawn_reading(self.cmd[1:], env, cwd=REPO)  # Forked from a preloaded Python.
+    self.lines, self._reader = self.proc.lines, self.proc.reader
 
   def steps_logged(self):
     return [int(m.group(1)) for l in self.lines for m in [re.search(r"\] step (\d+)/64 ", l)] if m]

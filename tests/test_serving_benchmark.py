@@ -1,8 +1,6 @@
 """benchmarks/serving.py: every row's test error, weights and file size against independent references, on tiny runs."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -31,9 +29,8 @@ def test_serving_table_rows_score_as_their_models(tiny_run, tmp_path):
   teacher, teacher_result = tiny_run()
   student, student_result = tiny_run(method="distill", schedule="step", num_cycles=1, teacher_workdirs=teacher)
   out = tmp_path / "serving.json"
-  proc = subprocess.run([sys.executable, "benchmarks/serving.py", "--ensemble", teacher, "--student", student,
-                         "--repeats", "2", "--calls", "3", "--large_batch", "64", "--json", str(out)],
-                        cwd=helpers.ROOT, env=helpers.subprocess_env(1), capture_output=True, text=True, timeout=600)
+  proc = helpers.run_python(["benchmarks/serving.py", "--ensemble", teacher, "--student", student, "--repeats", "2",
+                             "--calls", "3", "--large_batch", "64", "--json", str(out)], helpers.subprocess_env(1), 600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = {r["row"].split(",")[0].split(" (")[0]: r for r in json.load(open(out))["rows"]}
   names = [r["row"] for r in json.load(open(out))["rows"]]
