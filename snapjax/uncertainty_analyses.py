@@ -268,9 +268,11 @@ def shift_entries(plan: Plan, exp, stacked, test_arrays, temps: dict[str, float]
   images, labels = (a[: plan.shift_examples] for a in test_arrays)
   models = (("ensemble", head_idx), ("best_snapshot", best_idx))
 
-  def cell(x, y=labels):
-    logits = _pass(exp, stacked, (x, y), batch_size).logits_MxNxC
+  def metrics(logits, y):
     return {name: _shift_metrics(uncertainty.log_mean_probs(logits[idx]), y, temps[name]) for name, idx in models}
+
+  def cell(x, y=labels):
+    return metrics(_pass(exp, stacked, (x, y), batch_size).logits_MxNxC, y)
 
   def means(cells):
     return {name: [{"severity": s, **{k: float(np.mean([c[name][k] for c in cells if c["severity"] == s]))
@@ -279,10 +281,12 @@ def shift_entries(plan: Plan, exp, stacked, test_arrays, temps: dict[str, float]
 
   start, cells = time.perf_counter(), []
   clean = cell(images)
-  for name in corruptions.CORRUPTIONS:
-    for severity in corruptions.SEVERITIES:
-      cells.append({"corruption": name, "severity": severity,
-                    **cell(corruptions.corrupt(images, name, severity, seed=SEED))})
+  n, severities = len(labels), corruptions.SEVERITIES
+  for name in corruptions.CORRUPTIONS:  # A corruption's severities in one pass (a fifth of the calls), split per cell.
+    shifted = np.concatenate([corruptions.corrupt(images, name, severity, seed=SEED) for severity in severities])
+    logits = _pass(exp, stacked, (shifted, np.tile(labels, len(severities))), batch_size).logits_MxNxC
+    for k, severity in enumerate(severities):
+      cells.append({"corruption": name, "severity": severity, **metrics(logits[:, k * n:(k + 1) * n], labels)})
     logging.info("Shift %s: 5 severities x %d images (%.0f s so far)", name, len(labels), time.perf_counter() - start)
   out = {"examples": len(labels), "corruptions": list(corruptions.CORRUPTIONS),
          "severities": list(corruptions.SEVERITIES), "temperature": temps, "clean": clean, "cells": cells,

@@ -4,8 +4,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,7 +11,8 @@ import pytest
 from scipy import optimize
 from sklearn import metrics as skm
 
-from snapjax import data, evaluation, experiment, ood_data, scoring, training, uncertainty, uncertainty_analyses
+from snapjax import (corruptions, data, evaluation, experiment, ood_data, scoring, training, uncertainty,
+                     uncertainty_analyses)
 from snapjax.errors import ConfigError
 
 import helpers
@@ -56,7 +55,8 @@ def reference(runs, tiny_data):
   test_x, labels = data.load_fashion_mnist(tiny_data, "test")
   train_x, train_y = data.load_fashion_mnist(tiny_data, "train")
   digits = ood_data.digits_28x28()
-  out = {"labels": labels.astype(np.int64), "val_labels": train_y[-64:].astype(np.int64), "exp": exp}
+  out = {"labels": labels.astype(np.int64), "val_labels": train_y[-64:].astype(np.int64), "exp": exp, "runs": runs,
+         "tiny_data": tiny_data}
   for name, x in (("test", test_x), ("val", train_x[-64:]), ("digits", digits)):
     out[name] = np.stack([_logits(exp.model, s, norm(x)) for s in snaps])
   return out
@@ -167,6 +167,21 @@ def test_shift_cells(evaluated, reference):
   for s in sh["per_severity"]["ensemble"]:
     cells = [c["ensemble"]["error"] for c in sh["cells"] if c["severity"] == s["severity"]]
     assert s["error"] == pytest.approx(np.mean(cells))
+  # Cells against the float64 reference network on the same corrupted images (a corruption's severities are scored in
+  # one pass and split: the first, a middle and the last cell of the first and the last corruption).
+  test_x = data.load_fashion_mnist(reference["tiny_data"], "test")[0][:SHIFT_EXAMPLES]
+  snaps = [jax.tree.map(np.asarray, m.variables) for m in evaluation.restore_members(reference["runs"],
+                                                                                      reference["exp"])]
+  by_cell = {(c["corruption"], c["severity"]): c for c in sh["cells"]}
+  for name in (list(corruptions.CORRUPTIONS)[0], list(corruptions.CORRUPTIONS)[-1]):
+    for severity in (1, 3, 5):
+      x = corruptions.corrupt(test_x, name, severity, seed=uncertainty_analyses.SEED)
+      logp = uncertainty.log_mean_probs(np.stack([_logits(reference["exp"].model, v, (x.astype(np.float32) - MEAN)
+                                                          / STD) for v in snaps]))
+      got = by_cell[(name, severity)]["ensemble"]
+      labels = reference["labels"][:SHIFT_EXAMPLES]
+      assert got["error"] == pytest.approx(uncertainty.error(logp, labels)), (name, severity)
+      assert got["nll"] == pytest.approx(uncertainty.nll(logp, labels), rel=1e-4), (name, severity)
 
 
 def test_report_files(evaluated):
@@ -198,8 +213,7 @@ def test_dee_by_name_needs_two_networks(runs, monkeypatch):
 
 
 def _eval_py(*args):
-  return subprocess.run([sys.executable, "eval.py", *args], cwd=helpers.ROOT, env=helpers.subprocess_env(4),
-                        capture_output=True, text=True, timeout=600)
+  return helpers.run_python(["eval.py", *args], helpers.subprocess_env(4), 600)
 
 
 @pytest.mark.parametrize("flag,needle", [("--analyses=oops", "unknown analysis 'oops'"),
