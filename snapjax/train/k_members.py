@@ -125,7 +125,7 @@ class KMembers:
     run, mp, scores = self.run, self.mp, []
     jax.block_until_ready(state)  # As the one-member trainee's: nothing new compiles beside a gathering all-reduce.
     for step, js in mp.snapshots_at(i).items():
-      variables, meta, extra = self._snapshot(state, step, js)
+      variables, meta, extra = jax.block_until_ready(self._snapshot(state, step, js))  # Its BatchNorm pass too.
       if run.settings.eval_snapshots:
         stacked = variables if mp.num_members > 1 else ensemble.stack_snapshots([variables])
         s = scoring.score_snapshots(run.exp.apply_fn, stacked, run.exp.test_batches(arrays=run.test_arrays)).members

@@ -80,10 +80,11 @@ class OneMember:
   def take_snapshots(self, state: PyTree, step: int) -> list[dict[str, Any]]:
     """Score the snapshot of this step (if the config says so) and save it with its score in its metadata."""
     run = self.run
-    # The dispatched updates finish first: new programs (the snapshot's eager ops, its scoring) are compiled and run
-    # on an idle XLA:CPU thread pool, never beside an update whose cross-device all-reduce is still gathering.
+    # The dispatched updates, and the averaged network's BatchNorm pass (SWA, SWAG), finish first: new programs (the
+    # snapshot's eager ops, its scoring) are compiled and run on an idle XLA:CPU thread pool, never beside a program
+    # whose cross-device all-reduce is still gathering.
     jax.block_until_ready(state)
-    variables, extra = self._snapshot_variables(state)
+    variables, extra = jax.block_until_ready(self._snapshot_variables(state))
     meta = run.snapshot_meta(step)
     scores = []
     if run.settings.eval_snapshots:  # Scored before its save starts, so the score lands in its metadata.
