@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)  # This checkout's snapjax (and configs), whatever else is installed.
 
-from snapjax.study import page, plan, results, runner, stats  # noqa: E402
+from snapjax.study import page, plan, records, results, runner, stats  # noqa: E402
 from snapjax.study.stats import duration  # noqa: E402
 
 
@@ -49,6 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       "run (the tests' budget)")
   p.add_argument("--in_process", action="store_true",
                  help="train and evaluate in this process instead of train.py / eval.py subprocesses")
+  p.add_argument("--records", default=None, metavar="DIR",
+                 help="keep each finished step's outputs in DIR (snapjax.study.records: a directory that outlives "
+                      "this machine, such as docs/results/study_records) and start from what DIR holds")
   p.add_argument("--page_only", action="store_true", help="only write the page from the finished runs")
   p.add_argument("--deep_ensemble_size", type=int, default=plan.DEEP_ENSEMBLE_SIZE,
                  help=f"networks of the deep ensemble, the Single runs of seeds 0..N-1 (default "
@@ -130,10 +133,18 @@ def main(argv: list[str] | None = None) -> int:
   if args.dry_run:
     print_plan(steps, args)
     return 0
+  if args.records and not args.dry_run:
+    restored = records.restore(os.path.abspath(args.records), args.out, steps, runner.STATE_FILE)
+    saved = records.record_done(args.out, os.path.abspath(args.records), steps, runner.STATE_FILE)
+    for n, what in ((len(restored), "restored from"), (len(saved), "copied into")):
+      if n:
+        runner.log(f"{n} finished step(s) {what} the records in {args.records}")
   if args.in_process:
     from snapjax import cli
     cli.setup_logging()
-  code = 0 if args.page_only else runner.run_study(args.out, steps, jobs=args.jobs, in_process=args.in_process)
+  code = 0 if args.page_only else runner.run_study(
+      args.out, steps, jobs=args.jobs, in_process=args.in_process,
+      records=os.path.abspath(args.records) if args.records else None)
   if code == 3:
     return code
   summary = page.write_results(results.collect_results(args, steps, args.arms), args.results_dir)

@@ -319,7 +319,8 @@ def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(tiny_data, tmp_path, 
 
   monkeypatch.setattr(training, "train_and_evaluate", counting_train)
   monkeypatch.setattr(evaluation, "evaluate_runs", counting_eval)
-  assert study.main(argv) == 0
+  records = tmp_path / "records"  # From here on each finished step is copied there (snapjax.study.records).
+  assert study.main([*argv, "--records", str(records)]) == 0
   # The preempted run resumed (not restarted: it kept its state and its log says so); the finished one is skipped.
   assert calls == [("train", "single/s0"), ("eval", "single/s0/eval"),
                    ("train", "snapshot/s1"), ("eval", "snapshot/s1/eval"), ("train", "single/s1"),
@@ -362,6 +363,36 @@ def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(tiny_data, tmp_path, 
   assert study.main(argv) == 0
   assert (results / "fashion_mnist.md").exists()
   assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "study_state" not in p.name}
+
+  # The records: every run without its train state; the snapshots' arrays kept for the single runs only (the pooled
+  # ensembles read them), and the reports whole. snapshot/s0 finished before --records was given: copied at the start.
+  for run in ("snapshot/s0", "snapshot/s1", "single/s0", "single/s1"):
+    wd = records / run
+    assert not (wd / "state").exists() and (out / run / "state").is_dir(), run
+    arrays = sorted(wd.glob("snapshots/*/variables"))
+    assert len(arrays) == (len(list((out / run).glob("snapshots/*"))) if run.startswith("single") else 0), run
+    assert sorted(p.name for p in wd.glob("snapshots/*")) == sorted(p.name for p in (out / run).glob("snapshots/*"))
+  for rel in ("snapshot/s1/eval/report.json", "true_ensemble/eval/report.json", "serving/serving.json"):
+    assert (records / rel).read_bytes() == (out / rel).read_bytes(), rel
+  # A new machine: --out is gone; the records are restored into it, every step counts as done and nothing runs; the
+  # page is the same (its wall time is the recorded steps' and invocations').
+  import shutil
+  shutil.rmtree(out)
+  (results / "fashion_mnist.json").rename(tmp_path / "before.json")
+  assert study.main([*argv, "--records", str(records)]) == 0
+  before, after = json.loads((tmp_path / "before.json").read_text()), json.loads((results / "fashion_mnist.json"
+                                                                                   ).read_text())
+  assert after["arms"] == before["arms"] and after["comparisons"] == before["comparisons"]
+  assert after["wall_time"]["steps"] == before["wall_time"]["steps"]
+  # The two recorded invocations (the third ran nothing, so the records did not change) and this one.
+  assert after["wall_time"]["invocations"] == before["wall_time"]["invocations"] == 3
+  # A step that would read a recorded run's missing arrays fails in one line, naming it, and runs nothing.
+  shutil.rmtree(out / "snapshot" / "s1" / "eval")
+  shutil.rmtree(records / "snapshot" / "s1" / "eval")
+  assert study.main([*argv, "--records", str(records)]) == 1
+  log = capsys.readouterr().out
+  assert (f"FAILED eval/snapshot/s1: eval/snapshot/s1 reads {out / 'snapshot' / 's1'}, finished in an earlier "
+          f"sitting and recorded without its snapshots' arrays") in log
 
 
 NEW_ARMS = ("fge", "swa", "swag", "distill")
@@ -487,7 +518,7 @@ def test_jobs_run_steps_side_by_side_after_their_dependencies(monkeypatch):
     return "waiting" if any(fake_status(n) != "done" for n in step["needs"]) else "todo"
 
   class Runner:
-    stop_requested = False
+    stop_requested, records = False, None
 
     def start(self, step):
       assert fake_status(step) == "todo" and step["key"] not in running

@@ -6,6 +6,7 @@ One job per module, each importing only from the ones above it:
     serving  one network's serving cost (ms per example, weights MB) measured on a finished run: the last step
     plan     the arms, seeds and budget; each training run and evaluation, its command, what it needs, its status
     stats    paired per-seed statistics, the verdicts and their sentences (pure functions of a results dict)
+    records  each finished step's outputs copied where the next machine finds them (--records DIR), and back
     runner   running one step (train.py / eval.py, or in this process), the state file, the sequential and
              --jobs N schedulers
     results  the eval reports of the finished steps read into the results dict the page is written from

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from snapjax.study import plan, serving
+from snapjax.study import plan, records as records_lib, serving
 from snapjax.study.stats import duration
 
 STATE_FILE = "study_state.json"
@@ -80,8 +80,8 @@ class State:
 class Runner:
   """Runs one step: a subprocess of train.py / eval.py (default) or the same call in this process."""
 
-  def __init__(self, in_process: bool, out: str):
-    self.in_process, self.out = in_process, out
+  def __init__(self, in_process: bool, out: str, records: str | None = None):
+    self.in_process, self.out, self.records = in_process, out, records
     self.children: list[subprocess.Popen] = []  # Running subprocesses (several with --jobs).
     self.stop_requested = False
 
@@ -152,10 +152,14 @@ class Runner:
     log(f"signal {signum}: stopping after the current run(s); re-run the same command to resume")
 
 
-def run_study(out: str, steps: list[dict[str, Any]], *, jobs: int = 1, in_process: bool = False) -> int:
-  """Runs every step not done yet, in order; returns the exit code (0: all done, 1: failures, 3: stopped)."""
+def run_study(out: str, steps: list[dict[str, Any]], *, jobs: int = 1, in_process: bool = False,
+              records: str | None = None) -> int:
+  """Runs every step not done yet, in order; returns the exit code (0: all done, 1: failures, 3: stopped).
+
+  records: a directory of snapjax.study.records (restored into `out` beforehand): each finished step's outputs are
+  copied into it, and a step that needs a recorded run's missing arrays fails."""
   os.makedirs(out, exist_ok=True)
-  state, runner = State(out), Runner(in_process, out)
+  state, runner = State(out), Runner(in_process, out, records)
   state.invocation["jobs"] = jobs
   if not in_process:  # In-process training handles SIGTERM itself (it saves and returns preempted).
     signal.signal(signal.SIGTERM, runner.terminate)
@@ -183,6 +187,12 @@ def run_sequential(steps: list[dict[str, Any]], state: State, runner: Runner,
       log(f"skip {step['key']}: its runs are not finished")
       failed.append(step["key"])
       continue
+    gone = records_lib.missing_arrays(step)
+    if gone:
+      log(f"FAILED {step['key']}: {gone}")
+      failed.append(step["key"])
+      code = 1
+      continue
     remaining = [s for s in steps[i:] if s["kind"] == "train"], [s for s in steps[i:] if s["kind"] == "eval"]
     log(f"run {step['key']} ({'resuming' if st == 'resume' else 'starting'}): {shlex.join(step['argv'])}; "
         f"ETA of the rest {_eta(durations, remaining)}")
@@ -204,6 +214,8 @@ def record(step: dict[str, Any], seconds: float, outcome: str, runner: Runner, s
   """Logs and records a finished step: 'done', 'stopped' (preempted or asked to stop) or 'failed'."""
   if outcome == "ok":
     state.finished(step["key"], seconds, step["argv"])
+    if runner.records:
+      records_lib.save_step(step, runner.out, runner.records, STATE_FILE)
     durations.setdefault(step["kind"], []).append(seconds)
     log(f"done {step['key']} in {duration(seconds)}")
     return "done"
@@ -242,6 +254,12 @@ def run_parallel(jobs: int, steps: list[dict[str, Any]], state: State, runner: R
         busy = {s["key"] for s, _ in running.values()}
         if any(n["key"] in busy for n in step.get("needs", [])):
           continue  # A step it needs is still running (its report or last snapshot may already be written).
+        gone = records_lib.missing_arrays(step)
+        if gone:
+          started.add(step["key"])
+          failed.append(step["key"])
+          log(f"FAILED {step['key']}: {gone}")
+          continue
         remaining = ([s for s in steps if s["kind"] == "train" and s["key"] not in started],
                      [s for s in steps if s["kind"] == "eval" and s["key"] not in started])
         started.add(step["key"])
