@@ -364,13 +364,15 @@ def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(tiny_data, tmp_path, 
   assert (results / "fashion_mnist.md").exists()
   assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "study_state" not in p.name}
 
-  # The records: every run without its train state; the snapshots' arrays kept for the single runs only (the pooled
-  # ensembles read them), and the reports whole. snapshot/s0 finished before --records was given: copied at the start.
+  # The records: every run without its train state; the snapshots' arrays kept for the single runs (the pooled
+  # ensembles read them) and snapshot/s0 (the serving measurement reads it) only, and the reports.
+  # snapshot/s0 finished before --records was given: copied at the start.
   for run in ("snapshot/s0", "snapshot/s1", "single/s0", "single/s1"):
     wd = records / run
     assert not (wd / "state").exists() and (out / run / "state").is_dir(), run
     arrays = sorted(wd.glob("snapshots/*/variables"))
-    assert len(arrays) == (len(list((out / run).glob("snapshots/*"))) if run.startswith("single") else 0), run
+    kept = run.startswith("single") or run == "snapshot/s0"
+    assert len(arrays) == (len(list((out / run).glob("snapshots/*"))) if kept else 0), run
     assert sorted(p.name for p in wd.glob("snapshots/*")) == sorted(p.name for p in (out / run).glob("snapshots/*"))
   for rel in ("snapshot/s1/eval/report.json", "true_ensemble/eval/report.json", "serving/serving.json"):
     assert (records / rel).read_bytes() == (out / rel).read_bytes(), rel

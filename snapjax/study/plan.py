@@ -189,6 +189,7 @@ def make_plan(out: str, arms: list[str], seeds: list[int], tiny_dir: str | None,
     steps.append(_eval_step(f"eval/{DEEP_ENSEMBLE_ARM}", DEEP_ENSEMBLE_ARM, None, needs,
                             os.path.join(out, DEEP_ENSEMBLE_ARM, "eval"), list(ANALYSES), options))
   source = trains.get((study_fashion_mnist.DISTILL_TEACHER, seeds[0])) or trains[(train_arms[0], seeds[0])]
+  source["serve_source"] = True  # The run the serving measurement reads (snapjax.study.records keeps its arrays).
   out_file = os.path.join(out, "serving", "serving.json")
   steps.append({"kind": "serve", "key": SERVE_KEY, "arm": None, "seed": None, "workdir": source["workdir"],
                 "out_dir": os.path.dirname(out_file), "out_file": out_file, "needs": list(steps),
