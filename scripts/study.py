@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.dry_run:
     print_plan(steps, args)
     return 0
-  if args.records and not args.dry_run:
+  if args.records:
     restored = records.restore(os.path.abspath(args.records), args.out, steps, runner.STATE_FILE)
     saved = records.record_done(args.out, os.path.abspath(args.records), steps, runner.STATE_FILE)
     for n, what in ((len(restored), "restored from"), (len(saved), "copied into")):

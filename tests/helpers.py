@@ -188,8 +188,8 @@ while True:
       for fd, path in ((1, req["stdout"]), (2, req["stderr"])):  # The same path twice: one file, both streams.
         if fd == 2 and path == req["stdout"]:
           os.dup2(1, 2)
-        else:
-          os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | (0 if path.endswith(".fifo") else os.O_TRUNC), 0o644), fd)
+        else:  # O_TRUNC is ignored on a named pipe (spawn_reading's).
+          os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
       os.chdir(req["cwd"])
       os.environ.clear()
       os.environ.update(req["env"])
@@ -273,7 +273,7 @@ def _server(env: dict[str, str]) -> "_Server":
 class Spawned:
   """`python ARGV` forked from the preloaded Python of its environment: the subprocess.Popen methods the tests use
   (pid, args, returncode, poll, wait, send_signal, kill). Its stdout and stderr go to files (one file when both paths
-  are the same; a path ending in .fifo is a named pipe the caller reads)."""
+  are the same), or a named pipe the caller reads (spawn_reading)."""
 
   def __init__(self, argv: list[str], env: dict[str, str], stdout: str, stderr: str, cwd: str = ROOT):
     import sys

@@ -187,10 +187,7 @@ def run_sequential(steps: list[dict[str, Any]], state: State, runner: Runner,
       log(f"skip {step['key']}: its runs are not finished")
       failed.append(step["key"])
       continue
-    gone = records_lib.missing_arrays(step)
-    if gone:
-      log(f"FAILED {step['key']}: {gone}")
-      failed.append(step["key"])
+    if _refused(step, failed):
       code = 1
       continue
     remaining = [s for s in steps[i:] if s["kind"] == "train"], [s for s in steps[i:] if s["kind"] == "eval"]
@@ -207,6 +204,15 @@ def run_sequential(steps: list[dict[str, Any]], state: State, runner: Runner,
   if failed:
     log(f"{len(failed)} step(s) not done: {', '.join(failed)}")
   return code or (1 if failed else 0)
+
+
+def _refused(step: dict[str, Any], failed: list[str]) -> bool:
+  """A step that would read a recorded run's dropped arrays (snapjax.study.records) fails before it starts."""
+  gone = records_lib.missing_arrays(step)
+  if gone:
+    log(f"FAILED {step['key']}: {gone}")
+    failed.append(step["key"])
+  return bool(gone)
 
 
 def record(step: dict[str, Any], seconds: float, outcome: str, runner: Runner, state: State,
@@ -254,11 +260,8 @@ def run_parallel(jobs: int, steps: list[dict[str, Any]], state: State, runner: R
         busy = {s["key"] for s, _ in running.values()}
         if any(n["key"] in busy for n in step.get("needs", [])):
           continue  # A step it needs is still running (its report or last snapshot may already be written).
-        gone = records_lib.missing_arrays(step)
-        if gone:
+        if _refused(step, failed):
           started.add(step["key"])
-          failed.append(step["key"])
-          log(f"FAILED {step['key']}: {gone}")
           continue
         remaining = ([s for s in steps if s["kind"] == "train" and s["key"] not in started],
                      [s for s in steps if s["kind"] == "eval" and s["key"] not in started])
