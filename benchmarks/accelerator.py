@@ -36,7 +36,9 @@ names (snapjax.utilisation.PEAK_FLOPS: float32 at JAX's default precision, TF32 
 --smoke runs every row kind on the CPU with tiny shapes: ResNet-8 on 8x8x3 images at batch 8 stands in for every model
 and batch, 4 updates per call in the dispatch rows, K = 1 and 2, one timed repeat of 4; XLA:CPU's slower optimisation
 passes are off, and programs identical across rows come from a persistent compilation cache (a temporary one unless
-JAX_COMPILATION_CACHE_DIR is set). It checks that every row still runs, not how fast.
+JAX_COMPILATION_CACHE_DIR is set); a train or dispatch row whose program an earlier row ran already (ResNet-8 stands
+for every model, so all but the first of each dtype) copies that row's numbers and names it in `same_program_as`.
+It checks that every row still runs, not how fast.
 """
 import argparse
 import gc
@@ -236,6 +238,11 @@ def row_key(row: dict) -> tuple:
   return row["kind"], row.get("strategy"), row["batch"] if row["kind"] == "export" else None
 
 
+def _program(row: dict) -> tuple:
+  """What a train or dispatch row compiles and times: rows equal in it run the same program."""
+  return tuple(row.get(k) for k in ("kind", "model", "dataset", "size", "batch", "dtype", "steps_per_dispatch"))
+
+
 def run_train(row: dict, args, done: dict) -> None:
   c = _config(row["model"], row["dataset"], row["size"], row["batch"], row["dtype"])
   exp, arrays, plan, schedule, tx = _training(c, row["size"])
@@ -426,7 +433,7 @@ def main(argv=None) -> int:
            "dispatch": [r for r in train_rows(args) if r["kind"] == "dispatch"],
            "members": member_rows(args), "ensemble": predict_rows(args)[:4], "export": predict_rows(args)[4:]}
   runners = {"train": run_train, "dispatch": run_train, "members": run_members}
-  done, cache, share = {}, {}, 0.0
+  done, cache, share, programs = {}, {}, 0.0, {}
   for kind in KINDS:
     share += SHARES[kind]
     if kind not in args.sections:
@@ -434,8 +441,11 @@ def main(argv=None) -> int:
     deadline = t_start + args.budget_s * share
     for row in plans[kind]:
       doc["rows"].append(row)
+      same = programs.get(_program(row)) if args.smoke else None
       if time.monotonic() >= deadline:
         row.update(status="skipped", error=f"past the {kind} rows' share of --budget_s")
+      elif same is not None:  # --smoke: resnet8 stands for every model, so most train rows are one program.
+        row.update({k: v for k, v in same.items() if k not in row}, same_program_as=same["stands_for"])
       else:
         try:
           if kind in runners:
@@ -446,11 +456,15 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001  Out of memory, unsupported: report it and go on.
           row.update(status="failed", error=_error(e))
       done[row_key(row)] = row
-      if row["status"] != "skipped":  # Frees the row's buffers; a full collection of a large heap takes seconds.
+      if row["status"] == "ok" and kind in ("train", "dispatch"):
+        programs.setdefault(_program(row), row)
+      if row["status"] != "skipped" and "same_program_as" not in row:  # Frees the row's buffers; a full collection of a large heap takes seconds.
         gc.collect()
       status = row["status"] if row["status"] != "ok" else (
           f"{row['ms']:.2f} ms, {row['images_per_s']:,.0f} images/s, MFU "
           f"{row['mfu'] if isinstance(row['mfu'], str) else format(row['mfu'], '.1%')}, compile {row['compile_s']:.1f} s")
+      if "same_program_as" in row:
+        status += f" (the program of the row for {row['same_program_as']}: not timed again)"
       print(f"[{time.monotonic() - t_start:5.0f} s] {kind} {row['model']} {row['input']} batch {row['batch']} "
             f"{row['dtype']} {row['variant']}: {status}{' (' + row['error'] + ')' if 'error' in row else ''}",
             flush=True)

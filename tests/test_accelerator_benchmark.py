@@ -40,6 +40,15 @@ def test_smoke_runs_every_row_and_writes_the_table(tmp_path):
     assert r["images_per_s"] > 0 and r["flops_per_unit"] > 0 and r["repeats"] == 1
     assert r["mfu"] == "n/a", r  # No peak is known for a CPU.
   assert next(r for r in rows if r["kind"] == "dispatch")["vs_what"] == "1 update / call"
+  # One program per kind, dtype and dataset (resnet8 stands for every model; ImageNet's has 1,000 classes): timed
+  # once, its numbers on every row that runs it.
+  first = {}
+  for r in rows:
+    if r["kind"] in ("train", "dispatch"):
+      f = first.setdefault((r["kind"], r["dtype"], r["dataset"]), r)
+      assert r.get("same_program_as") == (None if f is r else f["stands_for"]), r
+      assert (r["ms"], r["compile_s"]) == (f["ms"], f["compile_s"])
+  assert len([r for r in rows if "same_program_as" in r]) == 14
   text = proc.stdout
   assert text.startswith(f"command: python benchmarks/accelerator.py --smoke --json {out}\ndevice: cpu (4 x cpu), jax ")
   assert "MFU n/a, give --peak_flops" in text
