@@ -286,53 +286,76 @@ def test_the_wall_time_estimate_scales_the_reference():
   np.testing.assert_allclose(est["seconds"], (train_s + eval_s) / 2)
 
 
-@pytest.mark.slow
-def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(tiny_data, tmp_path, monkeypatch, capsys):
+PIPELINE_ARMS = ("snapshot", "single", plan.WEIGHT_AVERAGE_ARM, plan.TRUE_ENSEMBLE_ARM)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_data, tmp_path_factory):
+  """The tiny pipeline of seeds 0 and 1, made once for this file: a first invocation preempted in the Single run of
+  seed 0, then a second with --records that finishes it. (paths, calls and stdout of each invocation); `pristine` is
+  a copy of the records as the second invocation left them, which later tests start from."""
+  import contextlib
+  import io
+  import shutil
   from snapjax import evaluation, training
-  out, results = tmp_path / "study", tmp_path / "results"
+  tmp = tmp_path_factory.mktemp("pipeline")
+  out, results, records = tmp / "study", tmp / "results", tmp / "records"
   argv = ["--tiny", tiny_data, "--out", str(out), "--results_dir", str(results), "--seeds", "0,1", "--in_process",
-          "--arms", f"snapshot,single,{plan.WEIGHT_AVERAGE_ARM},{plan.TRUE_ENSEMBLE_ARM}"]
-  calls = []
+          "--arms", ",".join(PIPELINE_ARMS)]
   real_train, real_eval = training.train_and_evaluate, evaluation.evaluate_runs
+  calls = [[], []]
 
   def preempting_train(config, workdir, **kw):  # The single model of seed 0 is preempted mid-way.
-    calls.append(("train", os.path.relpath(workdir, out)))
+    calls[0].append(("train", os.path.relpath(workdir, out)))
     if os.path.relpath(workdir, out) == "single/s0":
       kw["hooks"] = training.Hooks(stop_at=lambda step: step == 12)
     return real_train(config, workdir, **kw)
 
-  monkeypatch.setattr(training, "train_and_evaluate", preempting_train)
-  assert study.main(argv) == 3  # Stopped: the state is saved.
-  assert calls == [("train", "snapshot/s0"), ("train", "single/s0")]
-  assert "stopped during train/single/s0" in capsys.readouterr().out
-  assert not results.exists()
-
-  calls.clear()
-
   def counting_train(config, workdir, **kw):
-    calls.append(("train", os.path.relpath(workdir, out)))
+    calls[1].append(("train", os.path.relpath(workdir, out)))
     return real_train(config, workdir, **kw)
 
   def counting_eval(workdirs, **kw):
-    calls.append(("eval", os.path.relpath(kw["out_dir"], out)))
+    calls[1].append(("eval", os.path.relpath(kw["out_dir"], out)))
     return real_eval(workdirs, **kw)
 
-  monkeypatch.setattr(training, "train_and_evaluate", counting_train)
-  monkeypatch.setattr(evaluation, "evaluate_runs", counting_eval)
-  records = tmp_path / "records"  # From here on each finished step is copied there (snapjax.study.records).
-  assert study.main([*argv, "--records", str(records)]) == 0
+  logs, codes = [], []
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(training, "train_and_evaluate", preempting_train)
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+      codes.append(study.main(argv))  # Stopped: the state is saved.
+    logs.append(log.getvalue())
+    results_after_stop = results.exists()
+    mp.setattr(training, "train_and_evaluate", counting_train)
+    mp.setattr(evaluation, "evaluate_runs", counting_eval)
+    # From here on each finished step is copied to the records (snapjax.study.records).
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+      codes.append(study.main([*argv, "--records", str(records)]))
+    logs.append(log.getvalue())
+  shutil.copytree(records, tmp / "pristine")
+  return {"out": out, "results": results, "records": records, "pristine": tmp / "pristine", "argv": argv,
+          "calls": calls, "logs": logs, "codes": codes, "results_after_stop": results_after_stop}
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(pipeline, tmp_path, monkeypatch, capsys):
+  from snapjax import evaluation, training
+  out, results, records, argv = (pipeline[k] for k in ("out", "results", "records", "argv"))
+  assert pipeline["codes"] == [3, 0]
+  assert pipeline["calls"][0] == [("train", "snapshot/s0"), ("train", "single/s0")]
+  assert "stopped during train/single/s0" in pipeline["logs"][0]
+  assert not pipeline["results_after_stop"]
   # The preempted run resumed (not restarted: it kept its state and its log says so); the finished one is skipped.
-  assert calls == [("train", "single/s0"), ("eval", "single/s0/eval"),
-                   ("train", "snapshot/s1"), ("eval", "snapshot/s1/eval"), ("train", "single/s1"),
-                   ("eval", "single/s1/eval"), ("eval", "true_ensemble/eval")]
-  log = capsys.readouterr()
-  assert "run train/single/s0 (resuming)" in log.out and "skip train/snapshot/s0: done" in log.out
+  assert pipeline["calls"][1] == [("train", "single/s0"), ("eval", "single/s0/eval"),
+                                  ("train", "snapshot/s1"), ("eval", "snapshot/s1/eval"), ("train", "single/s1"),
+                                  ("eval", "single/s1/eval"), ("eval", "true_ensemble/eval")]
+  assert "run train/single/s0 (resuming)" in pipeline["logs"][1] and "skip train/snapshot/s0: done" in pipeline["logs"][1]
 
   page = (results / "fashion_mnist.md").read_text()
   for section in SECTIONS:
     assert section in page, section
   data = json.loads((results / "fashion_mnist.json").read_text())
-  assert set(data["arms"]) == {"snapshot", "single", plan.WEIGHT_AVERAGE_ARM, plan.TRUE_ENSEMBLE_ARM}
+  assert set(data["arms"]) == set(PIPELINE_ARMS)
   for arm in ("snapshot", "single", plan.WEIGHT_AVERAGE_ARM):
     assert set(data["arms"][arm]["runs"]) == {"0", "1"}, arm
     assert data["arms"][arm]["stats"]["error"]["n"] == 2
@@ -401,13 +424,18 @@ NEW_ARMS = ("fge", "swa", "swag", "distill")
 
 
 @pytest.mark.slow
-def test_the_new_arms_end_to_end_on_tiny_data(tiny_data, tmp_path, monkeypatch):
+def test_the_new_arms_end_to_end_on_tiny_data(pipeline, tiny_data, tmp_path, monkeypatch):
   """FGE, SWA, SWAG, the distilled student and the deep ensemble, one seed: every new metric from the eval reports
-  onto the page, the JSON and the figures; a second invocation runs nothing."""
+  onto the page, the JSON and the figures; a second invocation runs nothing. The Snapshot Ensemble and Single runs
+  (and their evaluations, and the serving measurement) are the first pipeline's, restored from a copy of its
+  records into this --out: what another machine does with recorded steps."""
+  import shutil
   from snapjax import distill, evaluation, training, uncertainty
-  out, results = tmp_path / "study", tmp_path / "results"
+  out, results, records = tmp_path / "study", tmp_path / "results", tmp_path / "records"
+  shutil.copytree(pipeline["pristine"], records)
   argv = ["--tiny", tiny_data, "--out", str(out), "--results_dir", str(results), "--seeds", "0", "--in_process",
-          "--deep_ensemble_size", "2", "--arms", ",".join(("snapshot", "single", *NEW_ARMS, "deep_ensemble"))]
+          "--deep_ensemble_size", "2", "--arms", ",".join(("snapshot", "single", *NEW_ARMS, "deep_ensemble")),
+          "--records", str(records)]
   calls = []
   real_train = training.train_and_evaluate
 
@@ -417,7 +445,9 @@ def test_the_new_arms_end_to_end_on_tiny_data(tiny_data, tmp_path, monkeypatch):
 
   monkeypatch.setattr(training, "train_and_evaluate", counting_train)
   assert study.main(argv) == 0
-  assert calls == ["snapshot/s0", "single/s0", "fge/s0", "swa/s0", "swag/s0", "distill/s0", "single/s1"]
+  assert calls == ["fge/s0", "swa/s0", "swag/s0", "distill/s0"]
+  for run in ("snapshot/s0", "single/s0", "single/s1"):  # Restored with their arrays: the student and the pooled
+    assert (out / run / "snapshots").is_dir() and not (out / run / "state").exists(), run  # ensembles read them.
   teacher = json.loads((out / "distill" / "s0" / distill.TEACHER_FILE).read_text())
   assert {os.path.abspath(s["workdir"]) for s in teacher["snapshots"]} == {str(out / "snapshot" / "s0")}
 
