@@ -420,6 +420,28 @@ def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(pipeline, tmp_path, m
           f"sitting and recorded without its snapshots' arrays") in log
 
 
+def test_records_keep_the_arrays_of_single_served_and_teacher_runs_only(tmp_path):
+  """Which recorded runs keep their snapshots' arrays: the Single runs (pooled later), the served run and every
+  distilled student's teacher (its student may train in a later sitting); the others keep only metadata."""
+  from snapjax.study import records as records_lib
+  out, rec = tmp_path / "study", tmp_path / "records"
+  steps = plan.make_plan(str(out), ["snapshot", "single", "fge", "distill"], [0, 1], None)
+  trains = {s["key"]: s for s in steps if s["kind"] == "train"}
+  assert {k for k, s in trains.items() if s.get("distill_teacher")} == {"train/snapshot/s0", "train/snapshot/s1"}
+  assert [k for k, s in trains.items() if s.get("serve_source")] == ["train/snapshot/s0"]
+  for step in trains.values():  # A fake finished run: one snapshot with its arrays and its metadata item.
+    for item in ("variables", records_lib.META_ITEM):
+      os.makedirs(os.path.join(step["workdir"], "snapshots", "8", item))
+      open(os.path.join(step["workdir"], "snapshots", "8", item, "x"), "w").close()
+    records_lib.save_step(step, str(out), str(rec), runner.STATE_FILE)
+  kept = {k for k in trains if (rec / os.path.relpath(trains[k]["workdir"], out) / "snapshots" / "8" / "variables"
+                                ).is_dir()}
+  assert kept == {"train/snapshot/s0", "train/snapshot/s1", "train/single/s0", "train/single/s1"}
+  for k, step in trains.items():
+    meta = rec / os.path.relpath(step["workdir"], out) / "snapshots" / "8" / records_lib.META_ITEM / "x"
+    assert meta.exists() and records_lib.has_arrays(str(rec / os.path.relpath(step["workdir"], out))) == (k in kept)
+
+
 NEW_ARMS = ("fge", "swa", "swag", "distill")
 
 

@@ -170,6 +170,8 @@ def make_plan(out: str, arms: list[str], seeds: list[int], tiny_dir: str | None,
   for seed in seeds:
     for arm in train_arms:
       needs = [trains[(study_fashion_mnist.DISTILL_TEACHER, seed)]] if arm == DISTILL_ARM else []
+      for teacher in needs:  # Its student reads its snapshots (snapjax.study.records keeps their arrays).
+        teacher["distill_teacher"] = True
       train = trains[(arm, seed)] = _train_step(out, arm, seed, tiny_dir, needs)
       analyses = [*(["weight_average"] if arm == EVAL_ARMS[WEIGHT_AVERAGE_ARM] and WEIGHT_AVERAGE_ARM in arms
                     else []), *ANALYSES]

@@ -3,8 +3,8 @@
 A study of many hours may not finish on one machine or in one sitting, and a workdir under runs/ is gone with its
 machine. `--records DIR` (scripts/study.py) copies each step's outputs into DIR as soon as the step is done, in the
 same layout as --out: a training run's workdir without its train state (state/, needed only to resume an
-unfinished run) and, except for the arms in KEEP_ARRAYS and the run the serving measurement reads, with only the
-metadata of its snapshots (not their arrays);
+unfinished run) and, except for the arms in KEEP_ARRAYS, the run the serving measurement reads and the teachers of
+distilled students, with only the metadata of its snapshots (not their arrays);
 an evaluation's report (with the figures only where the results page shows them); the serving measurement; and the
 state file (each step's wall time). At the start of an invocation whatever --out lacks is copied back from DIR, so
 every recorded step counts as done (plan.status reads the same files) and the study goes on from there, on this
@@ -13,9 +13,9 @@ at the same place, such as /work/main/runs/study).
 
 A recorded run without its arrays can still be reported, not evaluated again or taught from: a step that needs one
 fails at once, in one line, naming it (`missing_arrays`). The single runs keep theirs (the true and deep ensembles
-are evaluated over the single runs of several seeds, which can be trained in different sittings), and so does the
-run the serving measurement reads (the study's last step); a distilled student must be trained in the same sitting
-as its teacher (the plan puts it right after it).
+are evaluated over the single runs of several seeds, which can be trained in different sittings), and so do the
+run the serving measurement reads (the study's last step) and each distilled student's teacher (a sitting may end
+between the two).
 """
 import json
 import os
@@ -72,7 +72,7 @@ def save_step(step: dict[str, Any], out: str, records: str, state_file: str) -> 
   """Copies a finished step's outputs (and the state file) from `out` into `records`."""
   if step["kind"] == "train":
     dst = os.path.join(records, _relative(out, step["workdir"]))
-    keep = step["arm"] in KEEP_ARRAYS or bool(step.get("serve_source"))
+    keep = step["arm"] in KEEP_ARRAYS or bool(step.get("serve_source")) or bool(step.get("distill_teacher"))
     _copy_run(step["workdir"], dst, keep)
     with open(os.path.join(dst, MARKER), "w") as f:
       json.dump({"arrays": keep}, f)
@@ -171,5 +171,5 @@ def missing_arrays(step: dict[str, Any]) -> str | None:
   if not gone:
     return None
   return (f"{step['key']} reads {', '.join(gone)}, finished in an earlier sitting and recorded without its snapshots' "
-          f"arrays (snapjax.study.records keeps those of {', '.join(KEEP_ARRAYS)} and the served run only); delete "
-          f"its recorded workdir to train it again")
+          f"arrays (snapjax.study.records keeps those of {', '.join(KEEP_ARRAYS)}, the served run and the teachers "
+          f"only); delete its recorded workdir to train it again")
