@@ -46,14 +46,15 @@ import pytest  # noqa: E402
 # that the last file a worker starts is a short one and the two workers end together. Files not listed (new ones)
 # count as FILE_SECONDS_DEFAULT. Re-measure with --durations=0 when the order drifts.
 FILE_SECONDS = {
-    "test_distill.py": 185, "test_members.py": 172, "test_faults.py": 167, "test_methods_cli.py": 125,
-    "test_study.py": 125, "test_multihost.py": 110, "test_averaging.py": 103, "test_eval_uncertainty.py": 86,
-    "test_training.py": 75, "test_conv.py": 75, "test_accelerator_benchmark.py": 74, "test_members_multihost.py": 73,
-    "test_compilation.py": 72, "test_cli.py": 53, "test_cli_workdir.py": 47, "test_smoothout.py": 43,
-    "test_utilisation.py": 38, "test_dispatch.py": 37, "test_eval_analyses.py": 35, "test_serving_benchmark.py": 33,
-    "test_export.py": 30, "test_single_cycle.py": 29, "test_configs.py": 29, "test_weight_space.py": 19,
-    "test_examples.py": 18, "test_models.py": 13, "test_lowering.py": 11, "test_analysis.py": 8,
-    "test_ensemble.py": 7, "test_data.py": 6, "test_docstrings.py": 5,
+    "test_study.py": 257, "test_members.py": 214, "test_distill.py": 206, "test_faults.py": 163,
+    "test_multihost.py": 126, "test_methods_cli.py": 119, "test_averaging.py": 119,
+    "test_accelerator_benchmark.py": 112, "test_eval_uncertainty.py": 94, "test_cli.py": 86, "test_conv.py": 79,
+    "test_training.py": 78, "test_members_multihost.py": 77, "test_compilation.py": 64, "test_cli_workdir.py": 60,
+    "test_utilisation.py": 52, "test_smoothout.py": 48, "test_eval_analyses.py": 46, "test_dispatch.py": 43,
+    "test_export.py": 41, "test_models.py": 39, "test_single_cycle.py": 34, "test_ensemble.py": 32,
+    "test_serving_benchmark.py": 27, "test_weight_space.py": 22, "test_examples.py": 20, "test_configs.py": 20,
+    "test_lowering.py": 17, "test_analysis.py": 15, "test_data.py": 14, "test_docstrings.py": 10, "test_swag.py": 8,
+    "test_workdir_lock.py": 5, "test_checkpoints.py": 5,
 }
 FILE_SECONDS_DEFAULT = 5
 
