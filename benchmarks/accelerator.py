@@ -37,7 +37,7 @@ names (snapjax.utilisation.PEAK_FLOPS: float32 at JAX's default precision, TF32 
 and batch, 4 updates per call in the dispatch rows, K = 1 and 2, one timed repeat of 4; XLA:CPU's slower optimisation
 passes are off, and programs identical across rows come from a persistent compilation cache (a temporary one unless
 JAX_COMPILATION_CACHE_DIR is set); a train or dispatch row whose program an earlier row ran already (ResNet-8 stands
-for every model, so all but the first of each dtype) copies that row's numbers and names it in `same_program_as`.
+for every model, so all but the first of each dtype and data set) copies that row's numbers and names it in `same_program_as`.
 It checks that every row still runs, not how fast.
 """
 import argparse
@@ -458,7 +458,8 @@ def main(argv=None) -> int:
       done[row_key(row)] = row
       if row["status"] == "ok" and kind in ("train", "dispatch"):
         programs.setdefault(_program(row), row)
-      if row["status"] != "skipped" and "same_program_as" not in row:  # Frees the row's buffers; a full collection of a large heap takes seconds.
+      # Frees the row's buffers (a copied row has none); a full collection of a large heap takes seconds.
+      if row["status"] != "skipped" and "same_program_as" not in row:
         gc.collect()
       status = row["status"] if row["status"] != "ok" else (
           f"{row['ms']:.2f} ms, {row['images_per_s']:,.0f} images/s, MFU "
