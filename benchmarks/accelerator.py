@@ -37,8 +37,8 @@ names (snapjax.utilisation.PEAK_FLOPS: float32 at JAX's default precision, TF32 
 and batch, 4 updates per call in the dispatch rows, K = 1 and 2, one timed repeat of 4; XLA:CPU's slower optimisation
 passes are off, and programs identical across rows come from a persistent compilation cache (a temporary one unless
 JAX_COMPILATION_CACHE_DIR is set); a train or dispatch row whose program an earlier row ran already (ResNet-8 stands
-for every model, so all but the first of each dtype and data set) copies that row's numbers and names it in `same_program_as`.
-It checks that every row still runs, not how fast.
+for every model, so all but the first of each dtype and data set) copies that row's numbers and names it in
+`same_program_as`. It checks that every row still runs, not how fast.
 """
 import argparse
 import gc

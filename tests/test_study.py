@@ -349,7 +349,8 @@ def test_the_whole_pipeline_on_tiny_data_resumes_and_skips(pipeline, tmp_path, m
   assert pipeline["calls"][1] == [("train", "single/s0"), ("eval", "single/s0/eval"),
                                   ("train", "snapshot/s1"), ("eval", "snapshot/s1/eval"), ("train", "single/s1"),
                                   ("eval", "single/s1/eval"), ("eval", "true_ensemble/eval")]
-  assert "run train/single/s0 (resuming)" in pipeline["logs"][1] and "skip train/snapshot/s0: done" in pipeline["logs"][1]
+  second_log = pipeline["logs"][1]
+  assert "run train/single/s0 (resuming)" in second_log and "skip train/snapshot/s0: done" in second_log
 
   page = (results / "fashion_mnist.md").read_text()
   for section in SECTIONS:
